@@ -1,0 +1,1 @@
+"""Memory bank: clip store, ingest and retrieval indexes."""

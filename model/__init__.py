@@ -1,0 +1,1 @@
+"""Model core: DiT-Mem memory encoder, memory injection into Wan, generation pipeline."""

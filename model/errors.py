@@ -1,0 +1,31 @@
+"""Typed errors raised by the model core; the service maps them to HTTP statuses."""
+
+from __future__ import annotations
+
+
+class ModelError(Exception):
+    """Base class for every error the model core raises on purpose."""
+
+
+class CheckpointError(ModelError):
+    """A checkpoint is missing keys, carries unknown keys, or has tensors of the wrong shape."""
+
+
+class LatentShapeError(ModelError):
+    """A latent does not have the shape the memory encoder's frequency filters were built for."""
+
+
+class InvalidClip(ModelError):
+    """A reference clip cannot be decoded or has no usable video stream."""
+
+
+class InvalidRequest(ModelError):
+    """Generation parameters are out of range for the preset."""
+
+
+class WeightsNotFound(ModelError):
+    """A local weights path given by the user does not hold the expected files."""
+
+
+class GenerationCancelled(ModelError):
+    """The caller asked to stop; raised between denoising steps."""

@@ -1,0 +1,1 @@
+"""HTTP service, settings and the `ditmem` command line."""

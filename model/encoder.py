@@ -336,9 +336,7 @@ class MemoryEncoder(ModelMixin, ConfigMixin):
         low = torch.stack([g.low for g in groups]).flatten(1, 2).to(self.dtype)
         band_counts = counts.repeat(num_clips)
         bias = band_counts.to(high.device, torch.float32).log()
-        tokens = torch.cat(
-            [self.self_attention(high, bias), self.self_attention(low, bias)], dim=1
-        )
+        tokens = torch.cat([self.self_attention(high, bias), self.self_attention(low, bias)], dim=1)
         return MemoryTokens(tokens, band_counts.repeat(2))
 
     def encode(self, latents: torch.Tensor) -> MemoryTokens:
@@ -366,5 +364,7 @@ class MemoryEncoder(ModelMixin, ConfigMixin):
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())
             digest.update(str(tensor.dtype).encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(
+                tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            )
         return digest.hexdigest()[:16]

@@ -108,7 +108,11 @@ class MemoryAttnProcessor:
         """Memory keys/values for this block, computed once per denoising step."""
         context = self.context
         cached = context.cache.get(self.block_index)
-        if cached is not None and context.timestep is not None and cached.timestep is context.timestep:
+        if (
+            cached is not None
+            and context.timestep is not None
+            and cached.timestep is context.timestep
+        ):
             return cached
         temb = self._temb
         if temb is None or temb.ndim != 3:
@@ -137,7 +141,9 @@ class MemoryAttnProcessor:
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if self.context.memory is None or encoder_hidden_states is not None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            return self.fallback(
+                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
+            )
         if attention_mask is not None:
             raise ValueError("memory injection does not support an attention mask")
 
@@ -210,7 +216,10 @@ class MemoryInjector:
     def set_memory(self, memory: MemoryTokens | None) -> None:
         """Activate ``memory`` (``(B or 1, M, dim)`` tokens) for every following forward."""
         if memory is not None:
-            width = self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
+            width = (
+                self.transformer.config.num_attention_heads
+                * self.transformer.config.attention_head_dim
+            )
             if memory.tokens.shape[-1] != width:
                 raise ValueError(
                     f"memory tokens have width {memory.tokens.shape[-1]}, the transformer {width}"

@@ -1,0 +1,163 @@
+"""``MemoryWanPipeline``: diffusers' Wan text-to-video pipeline steered by DiT-Mem memory.
+
+The pipeline extends :class:`diffusers.WanPipeline` instead of re-writing its denoising loop, so
+schedulers, CFG, offloading and VAE tiling behave exactly as users of Wan expect. Memory enters
+through the attention processors installed by :class:`model.injection.MemoryInjector`; it is
+active only for the duration of one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+from diffusers.schedulers import SchedulerMixin
+from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
+
+from model.encoder import MemoryEncoder
+from model.errors import GenerationCancelled, InvalidRequest
+from model.injection import MemoryInjector
+from model.tokens import ClipTokens, MemoryTokens
+
+ProgressCallback = Callable[[int, int], None]
+CancelCheck = Callable[[], bool]
+
+
+class MemoryWanPipeline(WanPipeline):
+    """Text-to-video with memory tokens injected into every DiT self-attention.
+
+    Args:
+        tokenizer, text_encoder, vae, scheduler, transformer: Wan2.1 components.
+        memory_encoder: The DiT-Mem encoder whose ``token_dim`` equals the transformer width.
+    """
+
+    # The encoder only mixes a handful of cached tokens per request; moving it on and off the
+    # GPU would cost more than running it where it is.
+    _exclude_from_cpu_offload = ["memory_encoder"]
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        text_encoder: UMT5EncoderModel,
+        vae: AutoencoderKLWan,
+        scheduler: SchedulerMixin,
+        transformer: WanTransformer3DModel,
+        memory_encoder: MemoryEncoder,
+        transformer_2: WanTransformer3DModel | None = None,
+        boundary_ratio: float | None = None,
+        expand_timesteps: bool = False,
+    ) -> None:
+        # The Wan2.2 options exist in the signature only because WanPipeline registers them.
+        if transformer_2 is not None or boundary_ratio is not None or expand_timesteps:
+            raise ValueError("DiT-Mem memory injection supports the single-transformer Wan2.1")
+        super().__init__(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=scheduler,
+            transformer=transformer,
+        )
+        self.register_modules(memory_encoder=memory_encoder)
+        width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        if memory_encoder.config.token_dim != width:
+            raise ValueError(
+                f"memory encoder token_dim {memory_encoder.config.token_dim} != DiT width {width}"
+            )
+        self.memory_injector = MemoryInjector(transformer)
+
+    # -- memory ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_clip_latents(self, videos: torch.Tensor) -> torch.Tensor:
+        """Canonical memory latents of preprocessed clips.
+
+        Args:
+            videos: ``(N, 3, F, H, W)`` float in [-1, 1] (see ``model.preprocess.load_clip``).
+
+        Returns:
+            ``(N, z_dim, F', H', W')`` float32: the VAE posterior mode, normalised with the VAE's
+            latent mean/std like the latents the DiT denoises.
+        """
+        device = self.vae.device
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(device)
+        latents = []
+        for video in videos:  # one clip at a time: VAE activations dominate memory
+            clip = video.unsqueeze(0).to(device=device, dtype=self.vae.dtype)
+            posterior = self.vae.encode(clip).latent_dist
+            latents.append(((posterior.mode().float() - mean) * inv_std).cpu())
+        return torch.cat(latents)
+
+    @torch.no_grad()
+    def resample_clips(self, videos: torch.Tensor) -> ClipTokens:
+        """Per-clip memory tokens of preprocessed clips (what the memory bank caches)."""
+        latents = self.encode_clip_latents(videos)
+        return self.memory_encoder.resample(latents.to(self.memory_encoder.device))
+
+    @torch.no_grad()
+    def encode_memory(
+        self, memory: ClipTokens | Sequence[ClipTokens] | MemoryTokens | None
+    ) -> MemoryTokens | None:
+        """Request-time mixing: cached clip tokens -> memory tokens on the DiT's device/dtype."""
+        if memory is None:
+            return None
+        if not isinstance(memory, MemoryTokens):
+            if isinstance(memory, ClipTokens):
+                memory = ClipTokens(
+                    *(t.to(self.memory_encoder.device) for t in (memory.high, memory.low)),
+                    memory.counts,
+                )
+            memory = self.memory_encoder.mix(memory)
+        return memory.to(device=self._execution_device, dtype=self.transformer.dtype)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        *,
+        memory: ClipTokens | Sequence[ClipTokens] | MemoryTokens | None = None,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+        **kwargs: Any,
+    ):
+        """Generate videos; every argument of ``WanPipeline.__call__`` is accepted.
+
+        Args:
+            memory: Cached tokens of the retrieved clips (``ClipTokens``), one group per prompt,
+                or already mixed ``MemoryTokens``. ``None`` generates without memory.
+            on_progress: Called as ``on_progress(step, total)`` after each denoising step.
+            should_cancel: Polled before the first and after every step; returning True stops
+                the run with :class:`GenerationCancelled` (the VAE decode is skipped too).
+        """
+        if prompt is not None and any(not p.strip() for p in _as_list(prompt)):
+            raise InvalidRequest("prompt must not be empty")
+        if should_cancel is not None and should_cancel():
+            raise GenerationCancelled("cancelled before the first step")
+        memory_tokens = self.encode_memory(memory)
+        total = kwargs.get("num_inference_steps", 50)
+        user_callback = kwargs.pop("callback_on_step_end", None)
+
+        def on_step_end(pipe: WanPipeline, step: int, timestep: torch.Tensor, tensors: dict):
+            outputs = user_callback(pipe, step, timestep, tensors) if user_callback else {}
+            if on_progress is not None:
+                on_progress(step + 1, total)
+            if should_cancel is not None and should_cancel():
+                raise GenerationCancelled(f"cancelled after step {step + 1} of {total}")
+            return outputs
+
+        with self.memory_injector.use(memory_tokens):
+            return super().__call__(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                callback_on_step_end=on_step_end,
+                **kwargs,
+            )
+
+
+def _as_list(prompt: str | list[str]) -> list[str]:
+    return [prompt] if isinstance(prompt, str) else list(prompt)

@@ -1,0 +1,137 @@
+"""Model presets: generation defaults, parameter bounds and the memory clip geometry.
+
+A preset says *what* to run; weights come from ``model.loading`` (real) or ``model.tiny``
+(seeded random components of the same classes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model.errors import InvalidRequest
+
+WAN_NEGATIVE_PROMPT = (
+    "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
+    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
+    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
+    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
+    "in the background, walking backwards"
+)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Inclusive range of one request parameter."""
+
+    low: float
+    high: float
+
+    def check(self, name: str, value: float) -> None:
+        if not self.low <= value <= self.high:
+            raise InvalidRequest(
+                f"{name}={value} is outside [{self.low}, {self.high}] for this preset"
+            )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Generation defaults and limits of one model configuration.
+
+    Attributes:
+        memory_frames, memory_height, memory_width: Geometry every memory clip is resampled to
+            before VAE encoding; it fixes the encoder's canonical latent shape.
+        spatial_multiple: Height and width must be multiples of this (VAE x patch size).
+        frame_multiple: ``num_frames - 1`` must be a multiple of this (VAE temporal stride).
+    """
+
+    name: str
+    height: int
+    width: int
+    num_frames: int
+    steps: int
+    guidance_scale: float
+    fps: int
+    memory_frames: int
+    memory_height: int
+    memory_width: int
+    flow_shift: float
+    negative_prompt: str = ""
+    spatial_multiple: int = 16
+    frame_multiple: int = 4
+    bounds: dict[str, Bounds] = field(default_factory=dict)
+
+    def check(
+        self, *, height: int, width: int, num_frames: int, steps: int, guidance_scale: float
+    ) -> None:
+        """Raise :class:`InvalidRequest` naming the first out-of-range parameter."""
+        values = dict(
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            steps=steps,
+            guidance_scale=guidance_scale,
+        )
+        for name, value in values.items():
+            self.bounds[name].check(name, value)
+        for name in ("height", "width"):
+            if values[name] % self.spatial_multiple:
+                raise InvalidRequest(
+                    f"{name}={values[name]} must be a multiple of {self.spatial_multiple}"
+                )
+        if (num_frames - 1) % self.frame_multiple:
+            raise InvalidRequest(
+                f"num_frames={num_frames} must be {self.frame_multiple}*n+1 (e.g. 9, 17, 81)"
+            )
+
+
+WAN21_T2V_1_3B = Preset(
+    name="wan2.1-t2v-1.3b",
+    height=480,
+    width=832,
+    num_frames=81,
+    steps=50,
+    guidance_scale=5.0,
+    fps=16,
+    memory_frames=81,
+    memory_height=480,
+    memory_width=832,
+    flow_shift=3.0,
+    negative_prompt=WAN_NEGATIVE_PROMPT,
+    bounds={
+        "height": Bounds(256, 720),
+        "width": Bounds(256, 1280),
+        "num_frames": Bounds(5, 81),
+        "steps": Bounds(1, 100),
+        "guidance_scale": Bounds(1.0, 20.0),
+    },
+)
+
+TINY = Preset(
+    name="tiny",
+    height=64,
+    width=64,
+    num_frames=9,
+    steps=2,
+    guidance_scale=5.0,
+    fps=8,
+    memory_frames=9,
+    memory_height=64,
+    memory_width=64,
+    flow_shift=3.0,
+    bounds={
+        "height": Bounds(32, 128),
+        "width": Bounds(32, 128),
+        "num_frames": Bounds(5, 17),
+        "steps": Bounds(1, 8),
+        "guidance_scale": Bounds(1.0, 20.0),
+    },
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (WAN21_T2V_1_3B, TINY)}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InvalidRequest(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

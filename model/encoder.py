@@ -324,8 +324,9 @@ class MemoryEncoder(ModelMixin, ConfigMixin):
             clips: The N clips of one request, or a sequence of B such groups (same N each).
 
         Returns:
-            ``MemoryTokens`` with ``tokens (B, 2*N*U, F)``: the high band of every clip (clip-major),
-            then the low band, each band mixed by the shared self-attention on its own.
+            ``MemoryTokens`` with ``tokens (B, 2*N*U, F)``: the high band of every
+            clip (clip-major), then the low band, each band mixed by the shared self-attention
+            on its own.
         """
         groups = [clips] if isinstance(clips, ClipTokens) else list(clips)
         if not groups or len({g.num_clips for g in groups}) != 1:

@@ -8,7 +8,8 @@ the fastest kernel that also returns its log-sum-exp, attend to the extra keys s
 
     out = out_video * sigmoid(lse_video - lse_extra) + out_extra * sigmoid(lse_extra - lse_video)
 
-which equals one softmax over the concatenated keys.
+which equals one softmax over the concatenated keys. Where gradients must flow through the video
+attention (training), one masked SDPA over the concatenated keys is used instead.
 """
 
 from __future__ import annotations
@@ -19,19 +20,27 @@ import torch
 import torch.nn.functional as F
 
 
-def _flash_supported(q: torch.Tensor) -> bool:
-    return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] % 8 == 0
-        and q.shape[-1] <= 256
-    )
+def _lse_kernel_available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a fused kernel returning the log-sum-exp can serve this call.
+
+    The kernels' log-sum-exp output is not differentiable, so a call whose video q/k/v need
+    gradients (training) takes the masked path instead.
+    """
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    if q.is_cuda:
+        return (
+            q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256
+        )
+    return q.device.type == "cpu"
 
 
 def attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention that also returns the log-sum-exp of its logits.
+    """Fused softmax attention that also returns the log-sum-exp of its logits.
 
     Args:
         q: ``(B, H, S, D)``; k, v: ``(B, H, L, D)``.
@@ -39,21 +48,15 @@ def attention_with_lse(
     Returns:
         ``out (B, H, S, D)`` in q's dtype and ``lse (B, H, S)`` float32.
     """
-    if _flash_supported(q):
+    if q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, False, False, scale=scale
         )[:2]
         return out, lse[..., : q.shape[2]]
-    if q.device.type == "cpu" and not torch.is_grad_enabled():
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=None, scale=scale
-        )
-        return out, lse
-    # Differentiable fallback (training on CPU, or kernels unavailable for this dtype/shape).
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    lse = torch.logsumexp(logits, dim=-1)
-    out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), v.float())
-    return out.to(q.dtype), lse
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=None, scale=scale
+    )
+    return out, lse
 
 
 def attention_with_extra_keys(
@@ -64,7 +67,7 @@ def attention_with_extra_keys(
     extra_v: torch.Tensor,
     extra_bias: torch.Tensor,
 ) -> torch.Tensor:
-    """``softmax([q k^T, q extra_k^T + extra_bias] * scale) @ [v; extra_v]`` without a mask.
+    """``softmax([q k^T, q extra_k^T + extra_bias] * scale) @ [v; extra_v]``.
 
     Args:
         q: ``(B, H, S, D)``; k, v: ``(B, H, L, D)``.
@@ -74,6 +77,15 @@ def attention_with_extra_keys(
     Returns:
         ``(B, H, S, D)`` in q's dtype.
     """
+    if not _lse_kernel_available(q, k, v):
+        # Differentiable path (training) and dtypes without a fused LSE kernel: one masked
+        # attention over the concatenated keys; the mask is a broadcast (1, 1, 1, L+M) row.
+        batch = q.shape[0]
+        keys = torch.cat([k, extra_k.expand(batch, -1, -1, -1)], dim=2)
+        values = torch.cat([v, extra_v.expand(batch, -1, -1, -1)], dim=2)
+        bias = torch.cat([extra_bias.new_zeros(k.shape[2]), extra_bias])
+        return reference_attention(q, keys, values, bias)
+
     scale = 1.0 / math.sqrt(q.shape[-1])
     out_main, lse_main = attention_with_lse(q, k, v, scale)
     extra_logits = torch.matmul(q, extra_k.transpose(-1, -2)).float() * scale + extra_bias
@@ -91,6 +103,6 @@ def attention_with_extra_keys(
 def reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Plain SDPA with an optional per-key bias ``(L,)``; the readable baseline for tests."""
+    """SDPA with an optional per-key logit bias ``(L,)`` broadcast over batch, heads, queries."""
     mask = None if bias is None else bias.to(q.dtype).view(1, 1, 1, -1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -104,8 +104,21 @@ class MemoryAttnProcessor:
     def capture_timestep_embedding(self, temb: torch.Tensor) -> None:
         self._temb = temb
 
+    def modulated_memory(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``(B or 1, M, dim)`` tokens after the block's ``norm1`` and timestep modulation."""
+        temb = self._temb
+        if temb is None or temb.ndim != 3:
+            raise RuntimeError(
+                "memory injection needs the block's (B, 6, dim) timestep embedding; per-token "
+                "timesteps (Wan2.2 TI2V) are not supported"
+            )
+        shift, scale = (self.block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
+        tokens = tokens.to(device=like.device)
+        # Same pre-attention treatment as the video tokens in WanTransformerBlock.forward.
+        return (self.block.norm1(tokens.float()) * (1 + scale) + shift).type_as(like)
+
     def memory_kv(self, attn: WanAttention, like: torch.Tensor) -> _MemoryKV:
-        """Memory keys/values for this block, computed once per denoising step."""
+        """Memory keys/values ``(B or 1, H, M, D)`` for this block, once per denoising step."""
         context = self.context
         cached = context.cache.get(self.block_index)
         if (
@@ -114,16 +127,7 @@ class MemoryAttnProcessor:
             and cached.timestep is context.timestep
         ):
             return cached
-        temb = self._temb
-        if temb is None or temb.ndim != 3:
-            raise RuntimeError(
-                "memory injection needs the block's (B, 6, dim) timestep embedding; per-token "
-                "timesteps (Wan2.2 TI2V) are not supported"
-            )
-        shift, scale = (self.block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
-        tokens = context.memory.tokens.to(device=like.device)
-        # Same pre-attention treatment as the video tokens in WanTransformerBlock.forward.
-        normed = (self.block.norm1(tokens.float()) * (1 + scale) + shift).type_as(like)
+        normed = self.modulated_memory(context.memory.tokens, like)
         key, value = _project_kv(attn, normed)
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1)).transpose(1, 2)
         value = value.unflatten(2, (attn.heads, -1)).transpose(1, 2)
@@ -181,7 +185,11 @@ class MemoryInjector:
         ...     noise_pred = transformer(latents, timestep, text_states, return_dict=False)[0]
     """
 
-    def __init__(self, transformer: WanTransformer3DModel) -> None:
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        processor_class: type[MemoryAttnProcessor] = MemoryAttnProcessor,
+    ) -> None:
         if getattr(transformer, "_memory_injector", None) is not None:
             raise RuntimeError("memory injection is already installed on this transformer")
         self.transformer = transformer
@@ -189,7 +197,7 @@ class MemoryInjector:
         self._handles: list[RemovableHandle] = []
         self._processors: list[MemoryAttnProcessor] = []
         for index, block in enumerate(transformer.blocks):
-            processor = MemoryAttnProcessor(index, block, self.context, block.attn1.processor)
+            processor = processor_class(index, block, self.context, block.attn1.processor)
             block.attn1.set_processor(processor)
             self._processors.append(processor)
             self._handles.append(block.register_forward_pre_hook(self._block_hook(processor)))

@@ -40,6 +40,7 @@ class Preset:
     Attributes:
         memory_frames, memory_height, memory_width: Geometry every memory clip is resampled to
             before VAE encoding; it fixes the encoder's canonical latent shape.
+        max_sequence_length: Prompt length in text-encoder tokens.
         spatial_multiple: Height and width must be multiples of this (VAE x patch size).
         frame_multiple: ``num_frames - 1`` must be a multiple of this (VAE temporal stride).
     """
@@ -56,6 +57,7 @@ class Preset:
     memory_width: int
     flow_shift: float
     negative_prompt: str = ""
+    max_sequence_length: int = 512
     spatial_multiple: int = 16
     frame_multiple: int = 4
     bounds: dict[str, Bounds] = field(default_factory=dict)
@@ -118,6 +120,7 @@ TINY = Preset(
     memory_height=64,
     memory_width=64,
     flow_shift=3.0,
+    max_sequence_length=32,
     bounds={
         "height": Bounds(32, 128),
         "width": Bounds(32, 128),

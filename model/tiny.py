@@ -54,8 +54,6 @@ TINY_ENCODER_CONFIG: dict[str, Any] = dict(
     num_heads=4,
 )
 
-TINY_TEXT_MAX_LENGTH = 32
-
 
 def offline_tokenizer() -> PreTrainedTokenizerFast:
     """A WordPiece tokenizer from the bundled all-MiniLM-L6-v2 files (no network)."""
@@ -65,7 +63,7 @@ def offline_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_file=str(get_model_path() / "tokenizer.json"),
         pad_token="[PAD]",
         unk_token="[UNK]",
-        model_max_length=TINY_TEXT_MAX_LENGTH,
+        model_max_length=TINY.max_sequence_length,
     )
 
 

@@ -11,5 +11,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$out/gpu.txt"
+python3 -m bench.gpu_attention | tee "$out/gpu_attention.json"
 python3 -m bench.step_time --config wan1.3b --device cuda --warmup 2 --repeats 5 | tee "$out/step_time_wan1.3b_gpu.json"
-python3 -m bench.memory_cost --device cuda --repeats 5 | tee "$out/memory_cost_gpu.json"
+
+python3 -m bench.step_time --config wan1.3b --device cuda --precision | tee "$out/precision_wan1.3b_gpu.json"

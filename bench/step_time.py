@@ -20,6 +20,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from bench.reference_injection import ExpandedMemoryAttnProcessor
+from model.attention import set_fused_merge
 from model.injection import MemoryInjector
 from model.tiny import TINY_DIT_CONFIG
 from model.tokens import MemoryTokens
@@ -93,15 +94,23 @@ def measure(
         return uncond + 5.0 * (cond - uncond)
 
     variants = {
-        "no memory": (ours, ours_injector, None),
-        "reference injection (1,000 tokens as q/k/v)": (reference, reference_injector, memory),
-        "compact injection (distinct k/v + log-count bias)": (ours, ours_injector, memory),
+        "no memory": (ours, ours_injector, None, True),
+        "reference injection (1,000 tokens as q/k/v)": (
+            reference,
+            reference_injector,
+            memory,
+            True,
+        ),
+        "compact injection (distinct k/v + log-count bias)": (ours, ours_injector, memory, True),
     }
+    if device.type == "cuda":
+        variants["compact injection, eager merge"] = (ours, ours_injector, memory, False)
     times: dict[str, list[float]] = {name: [] for name in variants}
     outputs: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for round_index in range(warmup + repeats):
-            for name, (model, injector, mem) in variants.items():  # interleaved against drift
+            for name, (model, injector, mem, fused) in variants.items():  # interleaved
+                set_fused_merge(fused)
                 with injector.use(mem):
                     _sync(device)
                     start = time.perf_counter()
@@ -122,6 +131,7 @@ def measure(
     }
     names = list(variants)
     agreement = (outputs[names[1]] - outputs[names[2]]).abs().max().item()
+    memory_effect = (outputs[names[0]] - outputs[names[1]]).abs().max().item()
     return {
         "config": config_name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -132,6 +142,53 @@ def measure(
         "repeats": repeats,
         "results": rows,
         "max_abs_diff_reference_vs_compact": agreement,
+        "max_abs_memory_effect_reference_vs_none": memory_effect,
+        "output_absmax": outputs[names[1]].abs().max().item(),
+    }
+
+
+def precision_check(
+    device: torch.device, config_name: str, latent_shape=(16, 5, 30, 52), num_clips: int = 5
+) -> dict:
+    """bf16 reference and compact injection against a float32 reference injection."""
+    config, _, text_len = CONFIGS[config_name]
+    torch.manual_seed(0)
+    with torch.device(device):
+        fp32 = WanTransformer3DModel(**config).eval()
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    latents = torch.randn(1, *latent_shape, generator=gen).to(device)
+    text = torch.randn(1, text_len, config["text_dim"], generator=gen).to(device)
+    distinct = torch.randn(1, 2 * num_clips, width, generator=gen).to(device)
+    memory = MemoryTokens(distinct, torch.full((2 * num_clips,), 100, device=device))
+    timestep = torch.tensor([700.0], device=device)
+    models = {}
+    for name, dtype, processor in [
+        ("fp32 reference", torch.float32, ExpandedMemoryAttnProcessor),
+        ("bf16 reference", torch.bfloat16, ExpandedMemoryAttnProcessor),
+        ("bf16 compact", torch.bfloat16, None),
+    ]:
+        model = copy.deepcopy(fp32)
+        _cast_like_from_pretrained(model, dtype)
+        injector = MemoryInjector(model, **({"processor_class": processor} if processor else {}))
+        with torch.no_grad(), injector.use(memory):
+            models[name] = model(latents.to(dtype), timestep, text.to(dtype), return_dict=False)[0]
+        del model
+    with torch.no_grad():
+        nomem = fp32(latents, timestep, text, return_dict=False)[0]
+    exact = models["fp32 reference"].float()
+    return {
+        "video_tokens": latent_shape[1] * (latent_shape[2] // 2) * (latent_shape[3] // 2),
+        "fp32_memory_effect_max_abs": (exact - nomem).abs().max().item(),
+        "fp32_output_absmax": exact.abs().max().item(),
+        **{
+            f"{name} vs fp32": {
+                "max_abs": (out.float() - exact).abs().max().item(),
+                "mean_abs": (out.float() - exact).abs().mean().item(),
+            }
+            for name, out in models.items()
+            if name != "fp32 reference"
+        },
     }
 
 
@@ -142,7 +199,14 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--precision", action="store_true", help="compare bf16 variants with float32 instead"
+    )
     args = parser.parse_args()
+    if args.precision:
+        result = precision_check(torch.device(args.device), args.config)
+        print(json.dumps(result, indent=2))
+        return
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     result = measure(args.config, device, dtype, warmup=args.warmup, repeats=args.repeats)

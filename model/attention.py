@@ -14,10 +14,15 @@ attention (training), one masked SDPA over the concatenated keys is used instead
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+logger = logging.getLogger(__name__)
 
 
 def _lse_kernel_available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -37,10 +42,18 @@ def _lse_kernel_available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     return q.device.type == "cpu"
 
 
+def _cuda_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> SDPBackend:
+    """The kernel PyTorch's SDPA would pick for this call (cuDNN on Hopper, else flash, ...)."""
+    return SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale))
+
+
 def attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused softmax attention that also returns the log-sum-exp of its logits.
+
+    Uses the same kernel that ``F.scaled_dot_product_attention`` would choose, so the video
+    attention costs what it costs without memory.
 
     Args:
         q: ``(B, H, S, D)``; k, v: ``(B, H, L, D)``.
@@ -48,15 +61,26 @@ def attention_with_lse(
     Returns:
         ``out (B, H, S, D)`` in q's dtype and ``lse (B, H, S)`` float32.
     """
-    if q.is_cuda:
+    batch, heads, length = q.shape[:3]
+    if not q.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=None, scale=scale
+        )
+    backend = _cuda_backend(q, k, v, scale)
+    if backend == SDPBackend.CUDNN_ATTENTION:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, False, False, scale=scale
+        )[:2]
+    elif backend == SDPBackend.EFFICIENT_ATTENTION:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, False, scale=scale
+        )[:2]
+    else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, False, False, scale=scale
         )[:2]
-        return out, lse[..., : q.shape[2]]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=None, scale=scale
-    )
-    return out, lse
+    # Kernels pad or add a trailing axis to the log-sum-exp differently.
+    return out, lse.reshape(batch, heads, -1)[..., :length].float()
 
 
 def attention_with_extra_keys(
@@ -88,16 +112,67 @@ def attention_with_extra_keys(
 
     scale = 1.0 / math.sqrt(q.shape[-1])
     out_main, lse_main = attention_with_lse(q, k, v, scale)
+    merge = _fused_merge() if q.is_cuda else merge_extra_keys
+    return merge(out_main, lse_main, q, extra_k, extra_v, extra_bias, scale)
+
+
+def merge_extra_keys(
+    out_main: torch.Tensor,
+    lse_main: torch.Tensor,
+    q: torch.Tensor,
+    extra_k: torch.Tensor,
+    extra_v: torch.Tensor,
+    extra_bias: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Fold the extra keys into an attention result given as ``(out, log-sum-exp)``.
+
+    Float32 inside, result in ``out_main``'s dtype. Written as plain tensor maths so that
+    ``torch.compile`` can fuse it into one pass over ``q`` and ``out_main`` (see ``fused_merge``).
+    """
     extra_logits = torch.matmul(q, extra_k.transpose(-1, -2)).float() * scale + extra_bias
-    lse_extra = torch.logsumexp(extra_logits, dim=-1)
-    weights = torch.exp(extra_logits - lse_extra.unsqueeze(-1)).to(extra_v.dtype)
-    out_extra = torch.matmul(weights, extra_v)
+    lse_extra = torch.logsumexp(extra_logits, dim=-1, keepdim=True)
+    out_extra = torch.matmul(torch.exp(extra_logits - lse_extra), extra_v.float())
     # Share of the total softmax mass that falls on the extra keys, per query.
-    extra_share = torch.sigmoid(lse_extra - lse_main).unsqueeze(-1)
-    # In the activation dtype: a float32 copy of the (B, H, S, D) output would cost more memory
-    # traffic than the whole memory branch.
-    dtype = out_main.dtype
-    return torch.lerp(out_main, out_extra.to(dtype), extra_share.to(dtype))
+    extra_share = torch.sigmoid(lse_extra - lse_main.unsqueeze(-1))
+    merged = torch.lerp(out_main.float(), out_extra, extra_share)
+    return merged.to(out_main.dtype)
+
+
+_FUSED_MERGE: Callable | None = None
+_fuse_on_gpu = True
+
+
+def set_fused_merge(enabled: bool) -> None:
+    """Turn the compiled (one-kernel) merge on GPU on or off; off runs ``merge_extra_keys``."""
+    global _fuse_on_gpu, _FUSED_MERGE
+    _fuse_on_gpu, _FUSED_MERGE = enabled, None
+
+
+def _fused_merge() -> Callable:
+    """``merge_extra_keys`` compiled into one pass over ``(B, H, S, D)``, or eager on failure.
+
+    Eager, the merge makes several passes over the video-sized tensors; fused, its cost
+    approaches one read of ``q`` and ``out_main`` and one write, which is what keeps memory
+    nearly free next to the video attention.
+    """
+    global _FUSED_MERGE
+    if _FUSED_MERGE is None:
+        _FUSED_MERGE = merge_extra_keys
+        if _fuse_on_gpu:
+            compiled = torch.compile(merge_extra_keys, fullgraph=True, dynamic=False)
+
+            def guarded(*args: torch.Tensor | float) -> torch.Tensor:
+                global _FUSED_MERGE
+                try:
+                    return compiled(*args)
+                except Exception as error:  # noqa: BLE001 - any compiler failure: stay correct
+                    logger.warning("compiled memory merge unavailable, using eager: %s", error)
+                    _FUSED_MERGE = merge_extra_keys
+                    return merge_extra_keys(*args)
+
+            _FUSED_MERGE = guarded
+    return _FUSED_MERGE
 
 
 def reference_attention(

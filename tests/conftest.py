@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model.encoder import MemoryEncoder
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_ENV = "DITMEM_FIXTURES"
 
@@ -128,8 +130,7 @@ def golden_encoder_state(encoder_golden: dict[str, torch.Tensor]):
 
 @pytest.fixture(scope="session")
 def make_golden_encoder(golden_encoder_config, golden_encoder_state):
-    """``variant -> MemoryEncoder`` holding the fixture weights, in eval mode; a new one per call."""
-    from model.encoder import MemoryEncoder
+    """``variant -> MemoryEncoder`` with the fixture weights, in eval mode; new per call."""
 
     def make(variant: str = "main") -> MemoryEncoder:
         encoder = MemoryEncoder(**golden_encoder_config(variant))

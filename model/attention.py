@@ -139,40 +139,41 @@ def merge_extra_keys(
     return merged.to(out_main.dtype)
 
 
-_FUSED_MERGE: Callable | None = None
+_compiled_merge: Callable | None = None
 _fuse_on_gpu = True
 
 
 def set_fused_merge(enabled: bool) -> None:
     """Turn the compiled (one-kernel) merge on GPU on or off; off runs ``merge_extra_keys``."""
-    global _fuse_on_gpu, _FUSED_MERGE
-    _fuse_on_gpu, _FUSED_MERGE = enabled, None
+    global _fuse_on_gpu
+    _fuse_on_gpu = enabled
 
 
 def _fused_merge() -> Callable:
-    """``merge_extra_keys`` compiled into one pass over ``(B, H, S, D)``, or eager on failure.
+    """``merge_extra_keys`` compiled into one pass over ``(B, H, S, D)``, or eager.
 
     Eager, the merge makes several passes over the video-sized tensors; fused, its cost
     approaches one read of ``q`` and ``out_main`` and one write, which is what keeps memory
-    nearly free next to the video attention.
+    nearly free next to the video attention. Compiled once per process; any compiler failure
+    falls back to eager for good.
     """
-    global _FUSED_MERGE
-    if _FUSED_MERGE is None:
-        _FUSED_MERGE = merge_extra_keys
-        if _fuse_on_gpu:
-            compiled = torch.compile(merge_extra_keys, fullgraph=True, dynamic=False)
+    global _compiled_merge
+    if not _fuse_on_gpu:
+        return merge_extra_keys
+    if _compiled_merge is None:
+        compiled = torch.compile(merge_extra_keys, fullgraph=True, dynamic=False)
 
-            def guarded(*args: torch.Tensor | float) -> torch.Tensor:
-                global _FUSED_MERGE
-                try:
-                    return compiled(*args)
-                except Exception as error:  # noqa: BLE001 - any compiler failure: stay correct
-                    logger.warning("compiled memory merge unavailable, using eager: %s", error)
-                    _FUSED_MERGE = merge_extra_keys
-                    return merge_extra_keys(*args)
+        def guarded(*args: torch.Tensor | float) -> torch.Tensor:
+            global _fuse_on_gpu
+            try:
+                return compiled(*args)
+            except Exception as error:  # noqa: BLE001 - any compiler failure: stay correct
+                logger.warning("compiled memory merge unavailable, using eager: %s", error)
+                _fuse_on_gpu = False
+                return merge_extra_keys(*args)
 
-            _FUSED_MERGE = guarded
-    return _FUSED_MERGE
+        _compiled_merge = guarded
+    return _compiled_merge
 
 
 def reference_attention(

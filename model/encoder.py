@@ -88,12 +88,21 @@ class FrequencyFilter3d(nn.Module):
     ) -> None:
         super().__init__()
         self.grid = tuple(grid)
-        generator = torch.Generator().manual_seed(seed)
-        self.register_buffer(
-            "complex_weight", initial_filter_weight(num_channels, self.grid, band, generator)
-        )
+        self.band = band
+        self.seed = seed
+        self.register_buffer("complex_weight", self._initial_weight(num_channels))
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.BatchNorm3d(num_channels)
+
+    def _initial_weight(self, num_channels: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        return initial_filter_weight(num_channels, self.grid, self.band, generator)
+
+    def reset_buffers(self) -> None:
+        """Initial filter weights (same seed) and default BatchNorm statistics."""
+        with torch.no_grad():
+            self.complex_weight.copy_(self._initial_weight(self.complex_weight.shape[0]))
+        self.norm.reset_running_stats()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, D, H, W)`` -> same shape."""
@@ -333,8 +342,9 @@ class MemoryEncoder(ModelMixin, ConfigMixin):
             raise ValueError("every request in a batch needs the same number of memory clips")
         counts = groups[0].counts
         num_clips = groups[0].num_clips
-        high = torch.stack([g.high for g in groups]).flatten(1, 2).to(self.dtype)
-        low = torch.stack([g.low for g in groups]).flatten(1, 2).to(self.dtype)
+        # Bank tokens usually arrive on the CPU; the encoder may live on a GPU.
+        high = torch.stack([g.high for g in groups]).flatten(1, 2).to(self.device, self.dtype)
+        low = torch.stack([g.low for g in groups]).flatten(1, 2).to(self.device, self.dtype)
         band_counts = counts.repeat(num_clips)
         bias = band_counts.to(high.device, torch.float32).log()
         tokens = torch.cat([self.self_attention(high, bias), self.self_attention(low, bias)], dim=1)
@@ -342,6 +352,10 @@ class MemoryEncoder(ModelMixin, ConfigMixin):
 
     def encode(self, latents: torch.Tensor) -> MemoryTokens:
         """Both steps at once: ``(B, N, C, D, H, W)`` latents -> compact memory tokens."""
+        if latents.ndim != 6:
+            raise LatentShapeError(
+                f"expected (B, N, C, D, H, W) latents, got {tuple(latents.shape)}"
+            )
         self.check_latents(latents)
         batch, num_clips = latents.shape[:2]
         clips = self.resample(latents.flatten(0, 1))
@@ -358,6 +372,18 @@ class MemoryEncoder(ModelMixin, ConfigMixin):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         """Reference-compatible output ``(B, N*2*num_tokens, F)``, duplicates expanded."""
         return self.encode(latents).expand()
+
+    def reset_buffers(self) -> None:
+        """Put every buffer back to its initial value, as a checkpoint without buffers expects.
+
+        Filters are re-drawn from the formula with ``filter_seed``; BatchNorm statistics (used
+        and unused ones) return to mean 0, variance 1.
+        """
+        for module in self.modules():
+            if isinstance(module, FrequencyFilter3d):
+                module.reset_buffers()
+            elif isinstance(module, nn.BatchNorm3d):
+                module.reset_running_stats()
 
     def fingerprint(self) -> str:
         """Short hash of every weight and buffer; keys cached bank tokens to these weights."""

@@ -119,6 +119,8 @@ def load_encoder_state(encoder: MemoryEncoder, state: dict[str, torch.Tensor]) -
     if problems:
         raise CheckpointError("memory encoder checkpoint does not fit: " + "; ".join(problems))
 
+    if missing_buffers:
+        encoder.reset_buffers()
     with torch.no_grad():
         for name, value in state.items():
             own[name].copy_(value.to(own[name].dtype))
@@ -173,7 +175,10 @@ def save_memory_encoder(encoder: MemoryEncoder, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     encoder.save_config(folder)
-    state = {name: t.detach().cpu().contiguous() for name, t in encoder.state_dict().items()}
+    state = {
+        name: (t.float() if t.is_floating_point() else t).detach().cpu().contiguous()
+        for name, t in encoder.state_dict().items()
+    }
     save_file(state, folder / ENCODER_WEIGHTS_NAME)
     return folder
 

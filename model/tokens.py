@@ -114,6 +114,8 @@ class MemoryTokens:
                 f"tokens must be (B, M, F) and counts (M,); got {tuple(self.tokens.shape)} "
                 f"and {tuple(self.counts.shape)}"
             )
+        if bool((self.counts < 1).any()):
+            raise ValueError("every memory token needs a count of at least 1")
 
     @property
     def log_counts(self) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 The golden files (tensors produced by the official DiT-Mem reference, plus JSON descriptions)
 are data shared between checkouts. They are found through ``DITMEM_FIXTURES`` or, by default,
-in ``<repo>/../shared/fixtures``. A missing fixtures directory is an error, never a skip: parity
-tests that silently do not run would prove nothing.
+in the nearest ``shared/fixtures`` beside the repository or above it. A missing fixtures
+directory is an error, never a skip: parity tests that silently do not run would prove nothing.
 """
 
 from __future__ import annotations
@@ -23,9 +23,15 @@ FIXTURES_ENV = "DITMEM_FIXTURES"
 
 
 def fixtures_path() -> Path:
-    """The golden fixtures directory: ``$DITMEM_FIXTURES`` or ``<repo>/../shared/fixtures``."""
+    """``$DITMEM_FIXTURES``, else the nearest ``shared/fixtures`` beside the repo or above it."""
     configured = os.environ.get(FIXTURES_ENV)
-    return Path(configured) if configured else REPO_ROOT.parent / "shared" / "fixtures"
+    if configured:
+        return Path(configured)
+    for ancestor in REPO_ROOT.parents:
+        candidate = ancestor / "shared" / "fixtures"
+        if candidate.is_dir():
+            return candidate
+    return REPO_ROOT.parent / "shared" / "fixtures"
 
 
 @pytest.fixture(scope="session")

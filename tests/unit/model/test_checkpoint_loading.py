@@ -122,6 +122,16 @@ def test_released_layout_loads_parameters_and_keeps_default_buffers(
         assert torch.equal(encoder.get_buffer(name), fresh.get_buffer(name)), name
 
 
+def test_released_layout_resets_buffers_of_a_previously_loaded_encoder(
+    new_encoder, make_golden_encoder
+):
+    encoder = make_golden_encoder("main")  # carries the fixture's non-default statistics
+    load_encoder_state(encoder, official_state_dict(encoder))
+    fresh = new_encoder(filter_seed=encoder.config.filter_seed)
+    for name in buffer_names(encoder):
+        assert torch.equal(encoder.get_buffer(name), fresh.get_buffer(name)), name
+
+
 def test_filter_initialisation_is_seeded(new_encoder):
     a, b, other = new_encoder(filter_seed=0), new_encoder(filter_seed=0), new_encoder(filter_seed=1)
     name = "high_pass_module.conv_block1.fft_filter.complex_weight"

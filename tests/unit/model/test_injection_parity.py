@@ -272,16 +272,32 @@ def test_cached_memory_kv_follow_the_timestep(transformer, injector, inputs, mem
 # -- sensitivity: wrong injections must fail the parity comparison --------------------------------
 
 
-def _memory_kv_variant(*, normalize: bool, modulate: bool):
+@pytest.fixture
+def block_tembs(transformer):
+    """The timestep embedding each block receives, captured by our own pre-hooks."""
+    tembs: dict[torch.nn.Module, torch.Tensor] = {}
+
+    def capture(block, args):
+        # WanTransformer3DModel calls blocks as (hidden_states, text_states, temb, rotary_emb).
+        tembs[block] = args[2]
+
+    handles = [block.register_forward_pre_hook(capture) for block in transformer.blocks]
+    yield tembs
+    for handle in handles:
+        handle.remove()
+
+
+def _memory_kv_variant(tembs, *, normalize: bool, modulate: bool):
     """A stand-in for ``MemoryAttnProcessor.memory_kv`` written from the reference semantics."""
 
     def memory_kv(self, attn, like):
+        block = self.block
         tokens = self.context.memory.tokens.float()
         if normalize:
-            tokens = self.block.norm1(tokens)
+            tokens = block.norm1(tokens)
         if modulate:
-            temb = self._temb
-            shift, scale = (self.block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
+            modulation = block.scale_shift_table + tembs[block].float()
+            shift, scale = modulation.chunk(6, dim=1)[:2]
             tokens = tokens * (1 + scale) + shift
         tokens = tokens.type_as(like)
         key = attn.norm_k(attn.to_k(tokens)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
@@ -297,11 +313,13 @@ def _memory_in_first_block_only(transformer: WanTransformer3DModel) -> None:
 
 
 def test_reimplemented_reference_semantics_match(
-    monkeypatch, transformer, injector, inputs, memory, injection_golden
+    monkeypatch, transformer, injector, block_tembs, inputs, memory, injection_golden
 ):
     # The harness for the wrong variants, with nothing wrong, reproduces the reference.
     monkeypatch.setattr(
-        MemoryAttnProcessor, "memory_kv", _memory_kv_variant(normalize=True, modulate=True)
+        MemoryAttnProcessor,
+        "memory_kv",
+        _memory_kv_variant(block_tembs, normalize=True, modulate=True),
     )
     with injector.use(memory):
         out = run(transformer, **inputs)
@@ -316,12 +334,20 @@ def test_reimplemented_reference_semantics_match(
     ],
 )
 def test_memory_without_block_treatment_breaks_parity(
-    monkeypatch, transformer, injector, inputs, memory, injection_golden, normalize, modulate
+    monkeypatch,
+    transformer,
+    injector,
+    block_tembs,
+    inputs,
+    memory,
+    injection_golden,
+    normalize,
+    modulate,
 ):
     monkeypatch.setattr(
         MemoryAttnProcessor,
         "memory_kv",
-        _memory_kv_variant(normalize=normalize, modulate=modulate),
+        _memory_kv_variant(block_tembs, normalize=normalize, modulate=modulate),
     )
     with injector.use(memory):
         out = run(transformer, **inputs)

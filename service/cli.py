@@ -33,6 +33,16 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _describe(error: ValidationError) -> str:
+    """One line per invalid setting: ``preset: Input should be 'tiny' or ...``."""
+    parts = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        location = ".".join(str(part) for part in item["loc"])
+        parts.append(f"{location}: {message}" if location else message)
+    return "; ".join(parts)
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Option(help="What the video shows.")],
@@ -99,9 +109,7 @@ def generate(
     except ModelError as error:
         raise _fail(str(error)) from None
     except ValidationError as error:
-        raise _fail(
-            "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
-        ) from None
+        raise _fail(_describe(error)) from None
     path = write_video(result.frames, out, fps=chosen.fps)
     record_path = path.with_suffix(".json")
     record_path.write_text(json.dumps(result.record(), indent=2))

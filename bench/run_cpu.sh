@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# CPU benchmarks of docs/benchmarks.md, written to docs/bench-results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/run python -m bench.memory_cost --repeats 3 > docs/bench-results/memory_cost_cpu.json
+scripts/run python -m bench.step_time --config tiny --repeats 30 > docs/bench-results/step_time_tiny_cpu.json
+scripts/run python -m bench.step_time --config tiny --precision > docs/bench-results/precision_tiny_cpu.json

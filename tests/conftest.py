@@ -1,9 +1,9 @@
-"""Shared test fixtures: where the golden reference fixtures live and how to read them.
+"""Shared test fixtures: the golden reference tensors and how to read them.
 
-The golden files (tensors produced by the official DiT-Mem reference, plus JSON descriptions)
-are data shared between checkouts. They are found through ``DITMEM_FIXTURES`` or, by default,
-in the nearest ``shared/fixtures`` beside the repository or above it. A missing fixtures
-directory is an error, never a skip: parity tests that silently do not run would prove nothing.
+The golden tensors were produced by the official DiT-Mem implementation. A trimmed copy ships in
+``tests/golden`` (random inputs are regenerated from their recorded seeds); ``DITMEM_FIXTURES``
+points the tests at a full fixture set instead. A missing fixture is an error, never a skip:
+parity tests that silently do not run would prove nothing.
 """
 
 from __future__ import annotations
@@ -14,24 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from model.encoder import MemoryEncoder
+from tests.golden.regenerate import HERE as VENDORED_GOLDEN
+from tests.golden.regenerate import load_encoder_golden, load_injection_golden
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_ENV = "DITMEM_FIXTURES"
 
 
 def fixtures_path() -> Path:
-    """``$DITMEM_FIXTURES``, else the nearest ``shared/fixtures`` beside the repo or above it."""
+    """``$DITMEM_FIXTURES`` when set, else the trimmed copy in ``tests/golden``."""
     configured = os.environ.get(FIXTURES_ENV)
-    if configured:
-        return Path(configured)
-    for ancestor in REPO_ROOT.parents:
-        candidate = ancestor / "shared" / "fixtures"
-        if candidate.is_dir():
-            return candidate
-    return REPO_ROOT.parent / "shared" / "fixtures"
+    return Path(configured) if configured else VENDORED_GOLDEN
 
 
 @pytest.fixture(scope="session")
@@ -56,15 +50,11 @@ def _require(path: Path) -> Path:
     return path
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; session-wide, so tests clone before editing."""
-    return load_file(_require(path))
-
-
 @pytest.fixture(scope="session")
 def encoder_golden(fixtures_dir: Path) -> dict[str, torch.Tensor]:
-    """Tensors of ``encoder_golden_small.safetensors`` (weights, inputs, outputs)."""
-    return _tensors(fixtures_dir / "encoder_golden_small.safetensors")
+    """Tensors of ``encoder_golden_small`` (weights, inputs, outputs); clone before editing."""
+    _require(fixtures_dir / "encoder_golden_small.safetensors")
+    return load_encoder_golden(fixtures_dir)
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +64,9 @@ def encoder_golden_meta(fixtures_dir: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def injection_golden(fixtures_dir: Path) -> dict[str, torch.Tensor]:
-    """Tensors of ``injection_golden_tiny.safetensors`` (DiT weights, inputs, outputs)."""
-    return _tensors(fixtures_dir / "injection_golden_tiny.safetensors")
+    """Tensors of ``injection_golden_tiny`` (DiT weights, inputs, outputs)."""
+    _require(fixtures_dir / "injection_golden_tiny.safetensors")
+    return load_injection_golden(fixtures_dir)
 
 
 @pytest.fixture(scope="session")

@@ -101,12 +101,7 @@ def measure(
             memory,
             True,
         ),
-        "compact injection (distinct k/v + log-count bias, fused merge)": (
-            ours,
-            ours_injector,
-            memory,
-            True,
-        ),
+        "compact injection (distinct k/v + log-count bias)": (ours, ours_injector, memory, True),
     }
     if device.type == "cuda":
         variants["compact injection, eager merge"] = (ours, ours_injector, memory, False)

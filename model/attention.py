@@ -14,13 +14,15 @@ attention (training), one masked SDPA over the concatenated keys is used instead
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from model.kernels import kernel_supports, triton_merge_extra_keys
+logger = logging.getLogger(__name__)
 
 
 def _lse_kernel_available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -112,8 +114,7 @@ def attention_with_extra_keys(
 
     scale = 1.0 / math.sqrt(q.shape[-1])
     out_main, lse_main = attention_with_lse(q, k, v, scale)
-    fused = q.is_cuda and _use_kernel and kernel_supports(q, extra_k)
-    merge = triton_merge_extra_keys if fused else merge_extra_keys
+    merge = _fused_merge() if q.is_cuda else merge_extra_keys
     return merge(out_main, lse_main, q, extra_k, extra_v, extra_bias, scale)
 
 
@@ -128,8 +129,8 @@ def merge_extra_keys(
 ) -> torch.Tensor:
     """Fold the extra keys into an attention result given as ``(out, log-sum-exp)``.
 
-    Float32 inside, result in ``out_main``'s dtype. On GPU ``model.kernels`` does the same in
-    one pass over ``q`` and ``out_main``.
+    Float32 inside, result in ``out_main``'s dtype. Written as plain tensor maths so that
+    ``torch.compile`` can fuse it into one pass over ``q`` and ``out_main`` (see ``fused_merge``).
     """
     extra_logits = torch.matmul(q, extra_k.transpose(-1, -2)).float() * scale + extra_bias
     lse_extra = torch.logsumexp(extra_logits, dim=-1, keepdim=True)
@@ -140,13 +141,41 @@ def merge_extra_keys(
     return merged.to(out_main.dtype)
 
 
-_use_kernel = True
+_compiled_merge: Callable | None = None
+_fuse_on_gpu = True
 
 
 def set_fused_merge(enabled: bool) -> None:
-    """Use the Triton merge kernel on GPU (default) or the eager ``merge_extra_keys``."""
-    global _use_kernel
-    _use_kernel = enabled
+    """Turn the compiled (one-kernel) merge on GPU on or off; off runs ``merge_extra_keys``."""
+    global _fuse_on_gpu
+    _fuse_on_gpu = enabled
+
+
+def _fused_merge() -> Callable:
+    """``merge_extra_keys`` compiled into one pass over ``(B, H, S, D)``, or eager.
+
+    Eager, the merge makes several passes over the video-sized tensors; fused, its cost
+    approaches one read of ``q`` and ``out_main`` and one write, which is what keeps memory
+    nearly free next to the video attention. Compiled once per process; any compiler failure
+    falls back to eager for good.
+    """
+    global _compiled_merge
+    if not _fuse_on_gpu:
+        return merge_extra_keys
+    if _compiled_merge is None:
+        compiled = torch.compile(merge_extra_keys, fullgraph=True, dynamic=False)
+
+        def guarded(*args: torch.Tensor | float) -> torch.Tensor:
+            global _fuse_on_gpu
+            try:
+                return compiled(*args)
+            except Exception as error:  # noqa: BLE001 - any compiler failure: stay correct
+                logger.warning("compiled memory merge unavailable, using eager: %s", error)
+                _fuse_on_gpu = False
+                return merge_extra_keys(*args)
+
+        _compiled_merge = guarded
+    return _compiled_merge
 
 
 def reference_attention(

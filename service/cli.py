@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
 
+from memory_bank.errors import BankError
 from model.errors import ModelError
 from service.settings import Settings
 
@@ -19,6 +22,13 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+memory_app = typer.Typer(help="Manage the memory bank of reference clips.", no_args_is_help=True)
+index_app = typer.Typer(help="Maintain the memory bank's indexes.", no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
+app.add_typer(index_app, name="index")
+
+PresetOption = Annotated[str | None, typer.Option(help="tiny or wan2.1-t2v-1.3b.")]
+BankOption = Annotated[Path | None, typer.Option(help="Memory bank directory.")]
 
 
 @app.callback()
@@ -26,11 +36,6 @@ def main(
     log_level: Annotated[str, typer.Option(help="Python logging level.")] = "WARNING",
 ) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
 
 
 def _describe(error: ValidationError) -> str:
@@ -43,15 +48,38 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix into a one-line message and exit status 2."""
+    try:
+        yield
+    except ValidationError as error:
+        message = _describe(error)
+    except (ModelError, BankError, ValueError) as error:
+        message = str(error)
+    else:
+        return
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _settings(**overrides: object) -> Settings:
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Option(help="What the video shows.")],
     out: Annotated[Path, typer.Option(help="Where to write the mp4.")] = Path("outputs/video.mp4"),
-    preset: Annotated[str | None, typer.Option(help="tiny or wan2.1-t2v-1.3b.")] = None,
+    preset: PresetOption = None,
     memory: Annotated[
         list[Path] | None,
         typer.Option(help="Reference clip(s) whose memory steers the generation; repeatable."),
     ] = None,
+    retrieve: Annotated[
+        int, typer.Option(help="Also retrieve this many clips from the memory bank (0: none).")
+    ] = 0,
+    bank: BankOption = None,
     negative_prompt: Annotated[str | None, typer.Option()] = None,
     frames: Annotated[int | None, typer.Option(help="Frame count (4n+1).")] = None,
     height: Annotated[int | None, typer.Option()] = None,
@@ -65,19 +93,16 @@ def generate(
 ) -> None:
     """Generate one video and print where it was written."""
     from model.generation import GenerationParams, clip_tokens_from_files, generate
-    from model.loading import load_pipeline
     from model.presets import get_preset
+    from model.tokens import ClipTokens
     from model.video_io import write_video
+    from service.runtime import load_pipeline_from, open_bank
 
-    overrides = {
-        key: value
-        for key, value in dict(
-            preset=preset, wan_path=wan_path, dit_mem_path=dit_mem_path, device=device
-        ).items()
-        if value is not None
-    }
-    try:
-        settings = Settings(**overrides)
+    with user_errors():
+        settings = _settings(
+            preset=preset, wan_path=wan_path, dit_mem_path=dit_mem_path, device=device,
+            bank_dir=bank,
+        )  # fmt: skip
         chosen = get_preset(settings.preset)
         params = GenerationParams.resolve(
             chosen,
@@ -90,30 +115,143 @@ def generate(
             guidance_scale=guidance_scale,
             seed=seed,
         )
-        pipe = load_pipeline(
-            chosen.name,
-            wan_path=settings.wan_path,
-            dit_mem_path=settings.dit_mem_path,
-            device=settings.device,
-            cpu_offload=settings.cpu_offload,
-            vae_tiling=settings.vae_tiling,
-            seed=settings.seed,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        clips = clip_tokens_from_files(pipe, chosen, memory) if memory else None
+        if retrieve < 0 or retrieve > 16:
+            raise ValueError(f"--retrieve={retrieve} is outside [0, 16]")
+        pipe = load_pipeline_from(settings)
+        groups = [clip_tokens_from_files(pipe, chosen, memory)] if memory else []
+        retrieved = []
+        if retrieve:
+            with open_bank(settings) as opened:
+                retrieved = opened.search(params.prompt, retrieve)
+                if retrieved:
+                    version = pipe.memory_encoder.fingerprint()
+                    ids = [hit.clip_id for hit in retrieved]
+                    groups.append(opened.clip_tokens(ids, version))
+        clips = ClipTokens.stack(groups) if groups else None
 
         def report(step: int, total: int) -> None:
             typer.echo(f"step {step}/{total}", err=True)
 
         result = generate(pipe, chosen, params, clips, on_progress=report)
-    except ModelError as error:
-        raise _fail(str(error)) from None
-    except ValidationError as error:
-        raise _fail(_describe(error)) from None
     path = write_video(result.frames, out, fps=chosen.fps)
-    record_path = path.with_suffix(".json")
-    record_path.write_text(json.dumps(result.record(), indent=2))
+    record = result.record() | {
+        "retrieved": [hit.model_dump() for hit in retrieved],
+        "memory_files": [str(p) for p in memory or []],
+    }
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2))
     typer.echo(str(path.resolve()))
+
+
+# -- memory bank -----------------------------------------------------------------------------
+
+
+@memory_app.command("add")
+def memory_add(
+    file: Annotated[Path, typer.Argument(help="Video file (mp4, webm, mov, mkv, gif, ...).")],
+    caption: Annotated[str, typer.Option(help="What the clip shows.")],
+    tag: Annotated[list[str] | None, typer.Option(help="Tag; repeatable.")] = None,
+    bank: BankOption = None,
+    preset: PresetOption = None,
+) -> None:
+    """Add one clip; prints its id (an identical file already in the bank keeps its id)."""
+    from service.runtime import build_ingestor, load_pipeline_from, open_bank
+
+    with user_errors():
+        settings = _settings(bank_dir=bank, preset=preset)
+        pipe = load_pipeline_from(settings)
+        with open_bank(settings) as opened:
+            result = build_ingestor(settings, opened, pipe).ingest(file, caption, tag or [])
+    state = "added" if result.created else "already in the bank"
+    typer.echo(f"{result.record.clip_id}\t{state}\t{result.record.caption}")
+
+
+@memory_app.command("import")
+def memory_import(
+    folder: Annotated[Path, typer.Argument(help="Folder holding the videos.")],
+    captions: Annotated[Path, typer.Option(help="CSV (header: video,caption) or JSONL file.")],
+    tag: Annotated[list[str] | None, typer.Option(help="Tag added to every clip.")] = None,
+    bank: BankOption = None,
+    preset: PresetOption = None,
+) -> None:
+    """Import a folder of clips; re-running it skips what is already in the bank."""
+    from memory_bank.bulk import import_folder
+    from service.runtime import build_ingestor, load_pipeline_from, open_bank
+
+    with user_errors():
+        if not captions.is_file():
+            raise ValueError(f"captions file {captions} not found")
+        settings = _settings(bank_dir=bank, preset=preset)
+        pipe = load_pipeline_from(settings)
+        with open_bank(settings) as opened:
+            ingestor = build_ingestor(settings, opened, pipe)
+            summary = import_folder(ingestor, folder, captions, extra_tags=tuple(tag or ()))
+    for row, reason in summary.rejected:
+        typer.echo(f"rejected line {row.line} ({row.video}): {reason}", err=True)
+    typer.echo(
+        f"imported {summary.imported}, already in the bank {summary.already_present}, "
+        f"rejected {len(summary.rejected)}"
+    )
+
+
+@memory_app.command("list")
+def memory_list(
+    tag: Annotated[str | None, typer.Option(help="Only clips with this tag.")] = None,
+    offset: Annotated[int, typer.Option(min=0)] = 0,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    bank: BankOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List clips, newest first."""
+    from service.runtime import open_bank
+
+    with user_errors(), open_bank(_settings(bank_dir=bank)) as opened:
+        page = opened.list(offset=offset, limit=limit, tag=tag)
+    if as_json:
+        typer.echo(page.model_dump_json(indent=2))
+        return
+    for record in page.items:
+        tags = ",".join(record.tags)
+        typer.echo(f"{record.clip_id}\t{record.duration_s:.1f}s\t{tags}\t{record.caption}")
+    typer.echo(f"{len(page.items)} of {page.total} clips", err=True)
+
+
+@memory_app.command("search")
+def memory_search(
+    query: Annotated[str, typer.Argument(help="A prompt.")],
+    k: Annotated[int, typer.Option("-k", min=1, max=100)] = 5,
+    min_score: Annotated[float | None, typer.Option()] = None,
+    bank: BankOption = None,
+) -> None:
+    """Show the clips a prompt would retrieve, with their scores."""
+    from service.runtime import open_bank
+
+    with user_errors(), open_bank(_settings(bank_dir=bank)) as opened:
+        hits = opened.search(query, k, min_score=min_score)
+    for hit in hits:
+        typer.echo(f"{hit.clip_id}\t{hit.score:.4f}\t{hit.caption}")
+
+
+@memory_app.command("rm")
+def memory_rm(
+    clip_id: Annotated[int, typer.Argument(help="Clip id.")],
+    bank: BankOption = None,
+) -> None:
+    """Delete a clip: its row, files and index entries."""
+    from service.runtime import open_bank
+
+    with user_errors(), open_bank(_settings(bank_dir=bank)) as opened:
+        record = opened.delete(clip_id)
+    typer.echo(f"deleted {record.clip_id}\t{record.caption}")
+
+
+@index_app.command("rebuild")
+def index_rebuild(bank: BankOption = None) -> None:
+    """Rebuild every index of the bank from its manifest."""
+    from service.runtime import open_bank
+
+    with user_errors(), open_bank(_settings(bank_dir=bank)) as opened:
+        size = opened.rebuild_index()
+    typer.echo(f"caption index rebuilt: {size} clips")
 
 
 if __name__ == "__main__":

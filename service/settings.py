@@ -25,6 +25,20 @@ class Settings(BaseSettings):
     output_dir: Path = Path("outputs")
     log_level: str = "INFO"
 
+    # memory bank
+    bank_dir: Path = Field(Path("data/bank"), description="memory bank directory")
+    keep_latents: bool = Field(True, description="store canonical VAE latents (re-encoding)")
+    keep_sources: bool = Field(False, description="store uploaded clip files")
+    embedder_path: Path | None = Field(
+        None, description="sentence-transformers folder for captions (default all-MiniLM-L6-v2)"
+    )
+    max_upload_mb: float = Field(512, gt=0)
+    max_clip_duration_s: float = Field(600, gt=0)
+    max_clip_width: int = Field(4096, gt=0)
+    max_clip_height: int = Field(4096, gt=0)
+    index_exact_max: int = Field(50_000, ge=1, description="exact search up to this many clips")
+    index_nprobe: int = Field(32, ge=1, description="IVF lists probed per search above that")
+
     @model_validator(mode="after")
     def _real_preset_needs_weights(self) -> Settings:
         if self.preset != "tiny" and (self.wan_path is None or self.dit_mem_path is None):

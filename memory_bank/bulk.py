@@ -1,0 +1,119 @@
+"""Bulk import from a folder of videos plus a CSV or JSONL of (video path, caption).
+
+Public caption datasets (e.g. OpenVid: ``video,caption,...``) ship exactly this layout. The
+import is resumable for free: files are content-addressed, so rows already in the bank are
+recognised by their hash and skipped without decoding.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from memory_bank.errors import ClipRejected
+from memory_bank.ingest import ClipIngestor
+
+PATH_COLUMNS = ("video", "path", "file", "video_path", "filename")
+CAPTION_COLUMNS = ("caption", "text", "prompt", "description")
+
+
+@dataclass(frozen=True)
+class CaptionRow:
+    line: int  # 1-based line (CSV: data rows after the header count from 2)
+    video: str
+    caption: str
+    tags: tuple[str, ...] = ()
+
+
+@dataclass
+class ImportSummary:
+    imported: int = 0
+    already_present: int = 0
+    rejected: list[tuple[CaptionRow, str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.imported + self.already_present + len(self.rejected)
+
+
+def _pick(row: dict, names: tuple[str, ...], what: str, source: Path) -> str:
+    for name in names:
+        if name in row and row[name] is not None:
+            return str(row[name])
+    raise ValueError(f"{source.name}: no {what} column (expected one of {', '.join(names)})")
+
+
+def read_caption_rows(captions: Path) -> Iterator[CaptionRow]:
+    """Rows of a ``.csv`` (header row) or ``.jsonl`` captions file."""
+    if captions.suffix.lower() in (".jsonl", ".ndjson"):
+        with open(captions, encoding="utf-8") as handle:
+            for number, text in enumerate(handle, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{captions.name} line {number}: not JSON ({error})") from None
+                yield _row(row, number, captions)
+        return
+    with open(captions, encoding="utf-8", newline="") as handle:
+        for number, row in enumerate(csv.DictReader(handle), start=2):
+            yield _row(row, number, captions)
+
+
+def _row(row: dict, number: int, source: Path) -> CaptionRow:
+    tags = row.get("tags") or ()
+    if isinstance(tags, str):
+        tags = tuple(t for t in tags.replace(";", ",").split(",") if t.strip())
+    return CaptionRow(
+        number,
+        _pick(row, PATH_COLUMNS, "video path", source),
+        _pick(row, CAPTION_COLUMNS, "caption", source),
+        tuple(tags),
+    )
+
+
+def import_folder(
+    ingestor: ClipIngestor,
+    folder: str | Path,
+    captions: str | Path,
+    *,
+    extra_tags: tuple[str, ...] = (),
+    progress: bool = True,
+) -> ImportSummary:
+    """Ingest every row of ``captions`` whose video lives under ``folder``.
+
+    A bad row (missing file, not a video, out of bounds) is recorded with its reason and the
+    import goes on; nothing already stored is touched.
+    """
+    folder, captions = Path(folder), Path(captions)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    rows = list(read_caption_rows(captions))
+    summary = ImportSummary()
+    bar = tqdm(rows, desc="importing", unit="clip", disable=not progress)
+    for row in bar:
+        path = (folder / row.video).resolve()
+        if not path.is_relative_to(folder.resolve()):
+            summary.rejected.append((row, f"{row.video}: outside {folder}"))
+            continue
+        try:
+            result = ingestor.ingest(
+                path, row.caption, row.tags + extra_tags, source_name=row.video
+            )
+        except ClipRejected as error:
+            summary.rejected.append((row, str(error)))
+        else:
+            if result.created:
+                summary.imported += 1
+            else:
+                summary.already_present += 1
+        bar.set_postfix(
+            new=summary.imported, skipped=summary.already_present, bad=len(summary.rejected)
+        )
+    return summary

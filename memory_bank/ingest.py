@@ -1,0 +1,185 @@
+"""Clip ingest: validate, canonicalise, encode, embed, store, index. Safe to run again.
+
+The expensive work (decode, VAE, resampler) happens once per distinct file: uploads are
+content-addressed, and a file already in the bank returns its existing id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from memory_bank.bank import MemoryBank
+from memory_bank.errors import ClipRejected
+from memory_bank.schemas import ClipRecord
+from memory_bank.store import NewClip
+from model.errors import InvalidClip
+from model.pipeline import MemoryWanPipeline
+from model.preprocess import ClipInfo, load_clip, probe_clip
+from model.presets import Preset
+
+logger = logging.getLogger(__name__)
+
+MAX_CAPTION_CHARS = 2000
+MAX_TAGS = 32
+
+
+class IngestLimits(BaseModel):
+    """What an uploaded clip may be; anything else is rejected before it touches the bank."""
+
+    max_bytes: int = Field(512 * 2**20, description="largest accepted file")
+    min_duration_s: float = Field(0.0, ge=0)
+    max_duration_s: float = Field(600.0, gt=0)
+    max_width: int = Field(4096, gt=0)
+    max_height: int = Field(4096, gt=0)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    record: ClipRecord
+    created: bool  # False: the same file was already in the bank
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def clean_tags(tags: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    cleaned = tuple(sorted({tag.strip() for tag in tags if tag.strip()}))
+    if len(cleaned) > MAX_TAGS or any(len(tag) > 64 for tag in cleaned):
+        raise ClipRejected(f"at most {MAX_TAGS} tags of at most 64 characters each")
+    return cleaned
+
+
+def validate_clip(path: Path, caption: str, limits: IngestLimits) -> ClipInfo:
+    """Check the upload and return its probe; raises :class:`ClipRejected` naming the problem."""
+    if not caption or not caption.strip():
+        raise ClipRejected("caption must not be empty")
+    if len(caption) > MAX_CAPTION_CHARS:
+        raise ClipRejected(
+            f"caption is {len(caption)} characters, the limit is {MAX_CAPTION_CHARS}"
+        )
+    if not path.is_file():
+        raise ClipRejected(f"{path.name}: file not found")
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise ClipRejected(
+            f"{path.name} is {size / 2**20:.1f} MiB, "
+            f"the limit is {limits.max_bytes / 2**20:.0f} MiB"
+        )
+    try:
+        info = probe_clip(path)
+    except InvalidClip as error:
+        raise ClipRejected(str(error)) from None
+    if not limits.min_duration_s <= info.duration_s <= limits.max_duration_s:
+        raise ClipRejected(
+            f"{path.name} lasts {info.duration_s:.2f} s; accepted: "
+            f"{limits.min_duration_s:g} to {limits.max_duration_s:g} s"
+        )
+    if info.width > limits.max_width or info.height > limits.max_height:
+        raise ClipRejected(
+            f"{path.name} is {info.width}x{info.height}; the limit is "
+            f"{limits.max_width}x{limits.max_height}"
+        )
+    return info
+
+
+class ClipIngestor:
+    """Adds clips to a bank with one model's clip preprocessing and memory encoder.
+
+    Args:
+        bank: The bank to write to.
+        pipe: Supplies the VAE (canonical latents) and the memory encoder (per-clip tokens).
+        preset: Clip geometry (frames, size) of the model.
+        limits: Upload bounds.
+    """
+
+    def __init__(
+        self,
+        bank: MemoryBank,
+        pipe: MemoryWanPipeline,
+        preset: Preset,
+        limits: IngestLimits | None = None,
+    ) -> None:
+        self.bank = bank
+        self.pipe = pipe
+        self.preset = preset
+        self.limits = limits or IngestLimits()
+        self.encoder_version = pipe.memory_encoder.fingerprint()
+
+    def ingest(
+        self,
+        path: str | Path,
+        caption: str,
+        tags: list[str] | tuple[str, ...] = (),
+        *,
+        source_name: str | None = None,
+    ) -> IngestResult:
+        """Validate and add one clip; an identical file already in the bank is returned as is."""
+        path = Path(path)
+        if path.is_file() and path.stat().st_size <= self.limits.max_bytes:
+            # Hashing first makes re-running an import cheap: known files skip all decoding.
+            existing = self.bank.store.find_by_hash(file_sha256(path))
+            if existing is not None:
+                return IngestResult(existing, created=False)
+        info = validate_clip(path, caption, self.limits)
+        tags = clean_tags(tags)
+        content_hash = file_sha256(path)
+
+        try:
+            video = load_clip(
+                path, self.preset.memory_frames, self.preset.memory_height, self.preset.memory_width
+            )
+        except InvalidClip as error:
+            raise ClipRejected(str(error)) from None
+        with torch.no_grad():
+            latent = self.pipe.encode_clip_latents(video.unsqueeze(0))
+            tokens = self.pipe.memory_encoder.resample(latent.to(self.pipe.memory_encoder.device))
+        embedding = self.bank.embedder.embed([caption.strip()])[0]
+
+        store, options = self.bank.store, self.bank.options
+        store.put_tokens(content_hash, self.encoder_version, tokens)
+        if options.keep_latents:
+            store.put_latent(content_hash, latent[0])
+        source_ext = (path.suffix.lower() or ".bin") if options.keep_sources else None
+        if source_ext:
+            store.put_source(content_hash, source_ext, path)
+        clip = NewClip(
+            caption=caption.strip(),
+            source_name=source_name or path.name,
+            content_hash=content_hash,
+            duration_s=info.duration_s,
+            fps=info.fps,
+            num_frames=info.num_frames,
+            width=info.width,
+            height=info.height,
+            size_bytes=path.stat().st_size,
+            tags=tags,
+            embedder=self.bank.embedder.name,
+            text_embedding=embedding,
+        )
+        try:
+            record = store.insert(
+                clip,
+                encoder_version=self.encoder_version,
+                has_latent=options.keep_latents,
+                source_ext=source_ext,
+            )
+        except sqlite3.IntegrityError:
+            # The same file was ingested concurrently; its files are identical to ours.
+            record = store.find_by_hash(content_hash)
+            if record is None:
+                raise
+            return IngestResult(record, created=False)
+        self.bank.refresh()
+        return IngestResult(record, created=True)

@@ -1,0 +1,40 @@
+"""Records of the memory bank, as returned to callers (pydantic at the boundary)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+
+class ClipRecord(BaseModel):
+    """One reference clip in the bank."""
+
+    clip_id: int = Field(description="stable id, the same in the manifest, the indexes and the API")
+    caption: str
+    source_name: str = Field(description="file name the clip was uploaded as")
+    content_hash: str = Field(description="sha256 of the uploaded bytes; equal uploads share an id")
+    duration_s: float
+    fps: float
+    num_frames: int
+    width: int
+    height: int
+    size_bytes: int
+    created_at: datetime
+    tags: list[str] = Field(default_factory=list)
+    encoder_version: str | None = Field(
+        None, description="fingerprint of the encoder of its cached tokens"
+    )
+
+
+class SearchHit(BaseModel):
+    clip_id: int
+    score: float = Field(description="cosine similarity of prompt and caption embeddings")
+    caption: str
+
+
+class ClipPage(BaseModel):
+    items: list[ClipRecord]
+    total: int
+    offset: int
+    limit: int

@@ -1,0 +1,57 @@
+"""Builds the long-lived objects (pipeline, bank, ingestor) from :class:`Settings`.
+
+The CLI, the API process and the workers all build them here, so one setting means the same
+thing everywhere.
+"""
+
+from __future__ import annotations
+
+from memory_bank.bank import BankOptions, MemoryBank
+from memory_bank.embed import SentenceTransformerEmbedder
+from memory_bank.index import IndexConfig
+from memory_bank.ingest import ClipIngestor, IngestLimits
+from model.pipeline import MemoryWanPipeline
+from model.presets import get_preset
+from service.settings import Settings
+
+
+def load_pipeline_from(settings: Settings) -> MemoryWanPipeline:
+    from model.loading import load_pipeline
+
+    pipe = load_pipeline(
+        settings.preset,
+        wan_path=settings.wan_path,
+        dit_mem_path=settings.dit_mem_path,
+        device=settings.device,
+        cpu_offload=settings.cpu_offload,
+        vae_tiling=settings.vae_tiling,
+        seed=settings.seed,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bank_options(settings: Settings) -> BankOptions:
+    return BankOptions(
+        keep_latents=settings.keep_latents,
+        keep_sources=settings.keep_sources,
+        index=IndexConfig(exact_max=settings.index_exact_max, nprobe=settings.index_nprobe),
+    )
+
+
+def open_bank(settings: Settings) -> MemoryBank:
+    embedder = SentenceTransformerEmbedder(settings.embedder_path)
+    return MemoryBank(settings.bank_dir, embedder, bank_options(settings))
+
+
+def ingest_limits(settings: Settings) -> IngestLimits:
+    return IngestLimits(
+        max_bytes=int(settings.max_upload_mb * 2**20),
+        max_duration_s=settings.max_clip_duration_s,
+        max_width=settings.max_clip_width,
+        max_height=settings.max_clip_height,
+    )
+
+
+def build_ingestor(settings: Settings, bank: MemoryBank, pipe: MemoryWanPipeline) -> ClipIngestor:
+    return ClipIngestor(bank, pipe, get_preset(settings.preset), ingest_limits(settings))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,14 @@ class IngestLimits(BaseModel):
     max_duration_s: float = Field(600.0, gt=0)
     max_width: int = Field(4096, gt=0)
     max_height: int = Field(4096, gt=0)
+
+
+@dataclass
+class TokenRefresh:
+    """Outcome of recomputing cached tokens for a new encoder."""
+
+    updated: list[int] = field(default_factory=list)
+    unrecoverable: list[int] = field(default_factory=list)  # neither latent nor source kept
 
 
 @dataclass(frozen=True)
@@ -183,3 +191,35 @@ class ClipIngestor:
             return IngestResult(record, created=False)
         self.bank.refresh()
         return IngestResult(record, created=True)
+
+    def refresh_tokens(self) -> TokenRefresh:
+        """Recompute the cached tokens of clips encoded by another encoder version.
+
+        From the stored latent when the bank keeps latents (cheap: resampler only), else from
+        the stored source file (full preprocessing); a clip with neither keeps its old tokens
+        and is reported, since this encoder cannot use them.
+        """
+        store = self.bank.store
+        outcome = TokenRefresh()
+        for clip_id in store.stale_clips(self.encoder_version):
+            content_hash, has_latent, source_ext = store.storage_of(clip_id)
+            if has_latent:
+                latent = store.read_latent(content_hash).unsqueeze(0)
+            elif source_ext:
+                video = load_clip(
+                    store.source_path(content_hash, source_ext),
+                    self.preset.memory_frames,
+                    self.preset.memory_height,
+                    self.preset.memory_width,
+                )
+                latent = self.pipe.encode_clip_latents(video.unsqueeze(0))
+            else:
+                outcome.unrecoverable.append(clip_id)
+                continue
+            with torch.no_grad():
+                encoder = self.pipe.memory_encoder
+                tokens = encoder.resample(latent.to(encoder.device))
+            store.put_tokens(content_hash, self.encoder_version, tokens)
+            store.set_encoder_version(clip_id, self.encoder_version)
+            outcome.updated.append(clip_id)
+        return outcome

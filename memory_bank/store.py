@@ -352,6 +352,15 @@ class ClipStore:
                 "UPDATE clips SET encoder_version = ? WHERE clip_id = ?", (encoder_version, clip_id)
             )
 
+    def stale_clips(self, encoder_version: str) -> list[int]:
+        """Ids of clips whose cached tokens were made by another encoder version."""
+        rows = self._query(
+            "SELECT clip_id FROM clips WHERE encoder_version IS NULL OR encoder_version != ? "
+            "ORDER BY clip_id",
+            (encoder_version,),
+        )
+        return [row[0] for row in rows]
+
     def storage_of(self, clip_id: int) -> tuple[str, bool, str | None]:
         """``(content_hash, has_latent, source_ext)`` of a clip."""
         rows = self._query(

@@ -244,6 +244,23 @@ def memory_rm(
     typer.echo(f"deleted {record.clip_id}\t{record.caption}")
 
 
+@memory_app.command("retoken")
+def memory_retoken(bank: BankOption = None, preset: PresetOption = None) -> None:
+    """Recompute cached memory tokens for the configured encoder (after an encoder change)."""
+    from service.runtime import build_ingestor, load_pipeline_from, open_bank
+
+    with user_errors():
+        settings = _settings(bank_dir=bank, preset=preset)
+        pipe = load_pipeline_from(settings)
+        with open_bank(settings) as opened:
+            outcome = build_ingestor(settings, opened, pipe).refresh_tokens()
+    typer.echo(f"recomputed {len(outcome.updated)} clips")
+    if outcome.unrecoverable:
+        ids = ", ".join(map(str, outcome.unrecoverable))
+        typer.echo(f"no latent or source kept, cannot recompute: {ids}", err=True)
+        raise typer.Exit(code=1)
+
+
 @index_app.command("rebuild")
 def index_rebuild(bank: BankOption = None) -> None:
     """Rebuild every index of the bank from its manifest."""

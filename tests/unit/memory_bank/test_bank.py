@@ -293,3 +293,52 @@ def test_garbage_collection_only_removes_unreferenced_files(bank, ingestor, clip
     assert bank.store.collect_garbage(min_age_s=-1) == 1
     assert not orphan.exists()
     assert bank.clip_tokens([kept.clip_id], ingestor.encoder_version).num_clips == 1
+
+
+def test_a_new_encoder_gets_its_tokens_recomputed_from_kept_latents(bank, ingestor, clips):
+    from memory_bank.bank import BankOptions
+    from model.pipeline import MemoryWanPipeline
+    from model.tiny import build_tiny_components
+
+    record = ingestor.ingest(clips["red_right"], "a red square").record
+    new_pipe = MemoryWanPipeline(**build_tiny_components(seed=7))  # different encoder weights
+    retrained = ClipIngestor(bank, new_pipe, TINY)
+    assert retrained.encoder_version != ingestor.encoder_version
+    with pytest.raises(BankCorrupt):
+        bank.clip_tokens([record.clip_id], retrained.encoder_version)
+
+    outcome = retrained.refresh_tokens()
+
+    assert outcome.updated == [record.clip_id] and not outcome.unrecoverable
+    assert bank.get(record.clip_id).encoder_version == retrained.encoder_version
+    latent = bank.store.read_latent(record.content_hash).unsqueeze(0)
+    expected = new_pipe.memory_encoder.resample(latent)
+    cached = bank.clip_tokens([record.clip_id], retrained.encoder_version)
+    torch.testing.assert_close(cached.high, expected.high, atol=0.05, rtol=0.02)
+    assert retrained.refresh_tokens().updated == []  # nothing stale any more
+    assert BankOptions().keep_latents
+
+
+def test_clips_without_latent_or_source_are_reported_unrecoverable(
+    tmp_path, embedder, tiny_pipe, clips
+):
+    from memory_bank.bank import BankOptions
+    from model.pipeline import MemoryWanPipeline
+    from model.tiny import build_tiny_components
+
+    with MemoryBank(tmp_path / "lean", embedder, BankOptions(keep_latents=False)) as lean:
+        record = ClipIngestor(lean, tiny_pipe, TINY).ingest(clips["red_right"], "red").record
+        assert not lean.store.latent_path(record.content_hash).exists()
+        outcome = ClipIngestor(
+            lean, MemoryWanPipeline(**build_tiny_components(seed=7)), TINY
+        ).refresh_tokens()
+        assert outcome.unrecoverable == [record.clip_id] and outcome.updated == []
+
+    with MemoryBank(
+        tmp_path / "sources", embedder, BankOptions(keep_latents=False, keep_sources=True)
+    ) as kept:
+        record = ClipIngestor(kept, tiny_pipe, TINY).ingest(clips["red_right"], "red").record
+        outcome = ClipIngestor(
+            kept, MemoryWanPipeline(**build_tiny_components(seed=7)), TINY
+        ).refresh_tokens()
+        assert outcome.updated == [record.clip_id]

@@ -9,24 +9,34 @@ log position it reflects in its file name, so opening a large bank replays only 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from memory_bank.embed import TextEmbedder
-from memory_bank.errors import BankCorrupt, IndexCorrupt
-from memory_bank.index import IndexConfig, VectorIndex
+from memory_bank.errors import BankCorrupt
+from memory_bank.index import IndexConfig
 from memory_bank.schemas import ClipPage, ClipRecord, SearchHit
 from memory_bank.store import ClipStore
+from memory_bank.synced_index import SyncedIndex
 from model.tokens import ClipTokens
 
 logger = logging.getLogger(__name__)
 
-TEXT_INDEX = "text"
+
+class VisualEmbedder(Protocol):
+    """Keyframe and prompt embeddings in one space (e.g. open_clip); optional."""
+
+    name: str
+    dim: int
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray: ...
+
+    def embed_clip(self, path: Path) -> np.ndarray: ...
 
 
 class BankOptions(BaseModel):
@@ -36,7 +46,10 @@ class BankOptions(BaseModel):
     keep_sources: bool = Field(False, description="store the uploaded file itself")
     index: IndexConfig = Field(default_factory=IndexConfig)
     save_index_every: int = Field(
-        1000, ge=1, description="save the index after this many applied changes"
+        1000, ge=1, description="save the indexes after this many applied changes"
+    )
+    visual_weight: float = Field(
+        0.3, ge=0, le=1, description="weight of the visual score when a visual index is on"
     )
 
 
@@ -47,113 +60,89 @@ class MemoryBank:
         root: The bank directory (created if missing).
         embedder: Embeds captions at ingest and prompts at search time.
         options: Storage and index options.
+        visual: Optional keyframe/prompt embedder; adds a visual index fused into search.
     """
 
     def __init__(
-        self, root: str | Path, embedder: TextEmbedder, options: BankOptions | None = None
+        self,
+        root: str | Path,
+        embedder: TextEmbedder,
+        options: BankOptions | None = None,
+        visual: VisualEmbedder | None = None,
     ) -> None:
         self.root = Path(root)
         self.embedder = embedder
+        self.visual = visual
         self.options = options or BankOptions()
         self.store = ClipStore(self.root)
-        foreign = self.store.embedders() - {embedder.name}
+        self._check_models()
+        self._sync = threading.Lock()
+        self._unsaved = 0
+        self._text = SyncedIndex(
+            self.store, "text", embedder.name, embedder.dim, self.options.index
+        )
+        self._visual = (
+            SyncedIndex(self.store, "visual", visual.name, visual.dim, self.options.index)
+            if visual is not None
+            else None
+        )
+        self.refresh()
+
+    def _check_models(self) -> None:
+        foreign = self.store.embedders("text") - {self.embedder.name}
         if foreign:
             raise BankCorrupt(
                 f"captions in {self.root} were embedded with {sorted(foreign)}, not "
-                f"{embedder.name}; configure that embedder or re-embed the bank"
+                f"{self.embedder.name}; configure that embedder or re-embed the bank"
             )
-        self._sync = threading.Lock()
-        self._unsaved = 0
-        self._index, self._applied = self._load_saved_index()
-        self.refresh()
-
-    # -- index maintenance -------------------------------------------------------------------------
+        if self.visual is not None:
+            foreign = self.store.embedders("visual") - {self.visual.name}
+            if foreign:
+                raise BankCorrupt(
+                    f"keyframes in {self.root} were embedded with {sorted(foreign)}, not "
+                    f"{self.visual.name}"
+                )
 
     @property
-    def _pointer(self) -> Path:
-        return self.root / "index" / f"{TEXT_INDEX}.json"
+    def _indexes(self) -> list[SyncedIndex]:
+        return [self._text] + ([self._visual] if self._visual is not None else [])
 
-    def _load_saved_index(self) -> tuple[VectorIndex, int]:
-        try:
-            pointer = json.loads(self._pointer.read_text())
-            if pointer["embedder"] != self.embedder.name or pointer["dim"] != self.embedder.dim:
-                raise IndexCorrupt("index was built for another embedder")
-            index = VectorIndex.load(self.root / "index" / pointer["file"], self.options.index)
-            return index, int(pointer["seq"])
-        except FileNotFoundError:
-            pass
-        except (IndexCorrupt, KeyError, ValueError) as error:
-            logger.warning("rebuilding the caption index of %s: %s", self.root, error)
-        return self._build_from_manifest()
-
-    def _build_from_manifest(self) -> tuple[VectorIndex, int]:
-        # Read the log position first: changes after it are replayed, never lost.
-        seq = self.store.last_change()
-        ids, vectors = self.store.embeddings()
-        if len(ids):
-            index = VectorIndex.build(self.embedder.dim, ids, vectors, self.options.index)
-        else:
-            index = VectorIndex.empty(self.embedder.dim, self.options.index)
-        return index, seq
+    # -- index maintenance -------------------------------------------------------------------------
 
     def refresh(self) -> int:
         """Apply manifest changes made since the last refresh (by any process); returns how many."""
         with self._sync:
-            changes = self.store.changes_since(self._applied)
-            if not changes:
-                return 0
-            final_op: dict[int, str] = {}
-            for change in changes:
-                final_op[change.clip_id] = change.op
-            removed = [clip_id for clip_id, op in final_op.items() if op == "delete"]
-            added = [clip_id for clip_id, op in final_op.items() if op == "add"]
-            if removed:
-                self._index.remove(np.array(removed, dtype=np.int64))
-            if added:
-                # A clip added then deleted by a later, not yet logged, change is simply absent.
-                ids, vectors = self.store.embeddings(added)
-                if len(ids):
-                    self._index.add(ids, vectors)
-            self._applied = changes[-1].seq
-            self._unsaved += len(changes)
-            if self._index.needs_rebuild():
-                self._index, self._applied = self._build_from_manifest()
+            applied = 0
+            for index in self._indexes:
+                changes = self.store.changes_since(index.applied)
+                if changes:
+                    index.apply(changes)
+                    applied = max(applied, len(changes))
+            self._unsaved += applied
+            if self._unsaved >= self.options.save_index_every:
                 self._save_locked()
-            elif self._unsaved >= self.options.save_index_every:
-                self._save_locked()
-            return len(changes)
+            return applied
 
     def rebuild_index(self) -> int:
-        """Rebuild the caption index from the manifest and save it; returns its size."""
+        """Rebuild every index from the manifest and save them; returns the caption index size."""
         with self._sync:
-            self._index, self._applied = self._build_from_manifest()
+            for index in self._indexes:
+                index.rebuild()
             self._save_locked()
-            return len(self._index)
+            return len(self._text)
 
     def save_index(self) -> None:
         with self._sync:
             self._save_locked()
 
     def _save_locked(self) -> None:
-        folder = self.root / "index"
-        name = f"{TEXT_INDEX}-{self._applied:012d}.faiss"
-        self._index.save(folder / name)
-        pointer = {
-            "file": name,
-            "seq": self._applied,
-            "embedder": self.embedder.name,
-            "dim": self.embedder.dim,
-        }
-        self.store.write_atomically(self._pointer, lambda tmp: tmp.write_text(json.dumps(pointer)))
-        # Keep the newest few: another process may be loading an older one right now.
-        saved = sorted(folder.glob(f"{TEXT_INDEX}-*.faiss"))
-        for stale in saved[:-3]:
-            stale.unlink(missing_ok=True)
+        for index in self._indexes:
+            index.save()
         self._unsaved = 0
 
     @property
     def index_size(self) -> int:
-        return len(self._index)
+        return len(self._text)
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -165,26 +154,51 @@ class MemoryBank:
         exclude_ids: list[int] | tuple[int, ...] = (),
         min_score: float | None = None,
     ) -> list[SearchHit]:
-        """Clips whose captions best match ``query`` (cosine similarity), best first."""
+        """Clips that best match ``query``, best first.
+
+        Scores are cosine similarities of prompt and caption embeddings; with a visual index,
+        ``(1 - w) * caption score + w * keyframe score`` (see ``memory_bank.visual``), and
+        ``min_score`` applies to that fused score.
+        """
         if not query or not query.strip():
             raise ValueError("query must not be empty")
         if k < 1:
             return []
         self.refresh()
-        vector = self.embedder.embed([query])
-        hits = self._index.search(vector, k, exclude_ids=list(exclude_ids), min_score=min_score)[0]
-        if not hits:
-            return []
-        records = {r.clip_id: r for r in self._existing([clip_id for clip_id, _ in hits])}
+        exclude = list(exclude_ids)
+        text_vector = self.embedder.embed([query])
+        if self._visual is None:
+            ranked = self._text.search(text_vector, k, exclude, min_score)
+            text_scores, visual_scores = dict(ranked), {}
+        else:
+            from memory_bank.visual import fuse_scores
+
+            pool = max(4 * k, 20)  # fuse over more candidates than asked for
+            text_scores = dict(self._text.search(text_vector, pool, exclude))
+            visual_vector = self.visual.embed_texts([query])
+            visual_scores = dict(self._visual.search(visual_vector, pool, exclude))
+            fused = fuse_scores(text_scores, visual_scores, self.options.visual_weight)
+            ranked = [
+                (clip_id, score)
+                for clip_id, score in fused
+                if min_score is None or score >= min_score
+            ][:k]
+        records = {r.clip_id: r for r in self._existing([clip_id for clip_id, _ in ranked])}
         return [
-            SearchHit(clip_id=clip_id, score=float(score), caption=records[clip_id].caption)
-            for clip_id, score in hits
+            SearchHit(
+                clip_id=clip_id,
+                score=float(score),
+                caption=records[clip_id].caption,
+                text_score=text_scores.get(clip_id),
+                visual_score=visual_scores.get(clip_id),
+            )
+            for clip_id, score in ranked
             if clip_id in records  # deleted by another process since the last refresh
         ]
 
     def _existing(self, clip_ids: list[int]) -> list[ClipRecord]:
-        page = [self.store.find_by_id(clip_id) for clip_id in clip_ids]
-        return [record for record in page if record is not None]
+        found = [self.store.find_by_id(clip_id) for clip_id in clip_ids]
+        return [record for record in found if record is not None]
 
     def get(self, clip_id: int) -> ClipRecord:
         return self.store.get(clip_id)

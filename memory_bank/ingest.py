@@ -154,6 +154,8 @@ class ClipIngestor:
             latent = self.pipe.encode_clip_latents(video.unsqueeze(0))
             tokens = self.pipe.memory_encoder.resample(latent.to(self.pipe.memory_encoder.device))
         embedding = self.bank.embedder.embed([caption.strip()])[0]
+        visual = self.bank.visual
+        visual_embedding = visual.embed_clip(path) if visual is not None else None
 
         store, options = self.bank.store, self.bank.options
         store.put_tokens(content_hash, self.encoder_version, tokens)
@@ -175,6 +177,8 @@ class ClipIngestor:
             tags=tags,
             embedder=self.bank.embedder.name,
             text_embedding=embedding,
+            visual_embedder=visual.name if visual is not None else None,
+            visual_embedding=visual_embedding,
         )
         try:
             record = store.insert(

@@ -29,8 +29,10 @@ class ClipRecord(BaseModel):
 
 class SearchHit(BaseModel):
     clip_id: int
-    score: float = Field(description="cosine similarity of prompt and caption embeddings")
+    score: float = Field(description="ranking score: caption similarity, or the fused score")
     caption: str
+    text_score: float | None = Field(None, description="cosine similarity prompt vs caption")
+    visual_score: float | None = Field(None, description="CLIP similarity prompt vs keyframes")
 
 
 class ClipPage(BaseModel):

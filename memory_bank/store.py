@@ -55,7 +55,9 @@ CREATE TABLE IF NOT EXISTS clips (
     has_latent INTEGER NOT NULL DEFAULT 0,
     source_ext TEXT,
     embedder TEXT NOT NULL,
-    text_embedding BLOB NOT NULL
+    text_embedding BLOB NOT NULL,
+    visual_embedder TEXT,
+    visual_embedding BLOB
 );
 CREATE TABLE IF NOT EXISTS clip_tags (
     clip_id INTEGER NOT NULL REFERENCES clips(clip_id) ON DELETE CASCADE,
@@ -93,6 +95,8 @@ class NewClip:
     tags: tuple[str, ...]
     embedder: str
     text_embedding: np.ndarray  # (dim,) float32, unit norm
+    visual_embedder: str | None = None
+    visual_embedding: np.ndarray | None = None  # (dim,) float32, unit norm, keyframes' mean
 
 
 @dataclass(frozen=True)
@@ -256,12 +260,17 @@ class ClipStore:
             cursor = db.execute(
                 "INSERT INTO clips (caption, source_name, content_hash, duration_s, fps, "
                 "num_frames, width, height, size_bytes, created_at, encoder_version, has_latent, "
-                "source_ext, embedder, text_embedding) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "source_ext, embedder, text_embedding, visual_embedder, visual_embedding) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     clip.caption, clip.source_name, clip.content_hash, clip.duration_s, clip.fps,
                     clip.num_frames, clip.width, clip.height, clip.size_bytes, created,
                     encoder_version, int(has_latent), source_ext, clip.embedder,
                     np.asarray(clip.text_embedding, dtype=np.float32).tobytes(),
+                    clip.visual_embedder,
+                    None
+                    if clip.visual_embedding is None
+                    else np.asarray(clip.visual_embedding, dtype=np.float32).tobytes(),
                 ),
             )  # fmt: skip
             clip_id = int(cursor.lastrowid)
@@ -390,24 +399,31 @@ class ClipStore:
 
     # -- what indexes are built from ---------------------------------------------------------------
 
-    def embeddings(self, clip_ids: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids int64 (n,), vectors float32 (n, dim))`` of the given (or all) clips."""
+    def embeddings(
+        self, clip_ids: list[int] | None = None, kind: str = "text"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids int64 (n,), vectors float32 (n, dim))`` of the given (or all) clips.
+
+        ``kind`` is ``"text"`` (caption) or ``"visual"`` (keyframes); clips without a vector of
+        that kind are left out.
+        """
+        column = {"text": "text_embedding", "visual": "visual_embedding"}[kind]
+        sql = f"SELECT clip_id, {column} FROM clips WHERE {column} IS NOT NULL"
         if clip_ids is None:
-            rows = self._query("SELECT clip_id, text_embedding FROM clips ORDER BY clip_id")
+            rows = self._query(sql + " ORDER BY clip_id")
         else:
             marks = ",".join("?" * len(clip_ids))
-            rows = self._query(
-                f"SELECT clip_id, text_embedding FROM clips WHERE clip_id IN ({marks})",
-                tuple(clip_ids),
-            )
+            rows = self._query(sql + f" AND clip_id IN ({marks})", tuple(clip_ids))
         ids = np.array([row[0] for row in rows], dtype=np.int64)
         if not rows:
             return ids, np.zeros((0, 0), dtype=np.float32)
         vectors = np.stack([np.frombuffer(row[1], dtype=np.float32) for row in rows])
         return ids, vectors
 
-    def embedders(self) -> set[str]:
-        return {row[0] for row in self._query("SELECT DISTINCT embedder FROM clips")}
+    def embedders(self, kind: str = "text") -> set[str]:
+        column = {"text": "embedder", "visual": "visual_embedder"}[kind]
+        rows = self._query(f"SELECT DISTINCT {column} FROM clips WHERE {column} IS NOT NULL")
+        return {row[0] for row in rows}
 
     def last_change(self) -> int:
         return self._query("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0]

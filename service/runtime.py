@@ -36,12 +36,18 @@ def bank_options(settings: Settings) -> BankOptions:
         keep_latents=settings.keep_latents,
         keep_sources=settings.keep_sources,
         index=IndexConfig(exact_max=settings.index_exact_max, nprobe=settings.index_nprobe),
+        visual_weight=settings.visual_weight,
     )
 
 
 def open_bank(settings: Settings) -> MemoryBank:
     embedder = SentenceTransformerEmbedder(settings.embedder_path)
-    return MemoryBank(settings.bank_dir, embedder, bank_options(settings))
+    visual = None
+    if settings.visual_checkpoint is not None:
+        from memory_bank.visual import ClipVisualEmbedder
+
+        visual = ClipVisualEmbedder(settings.visual_model, settings.visual_checkpoint)
+    return MemoryBank(settings.bank_dir, embedder, bank_options(settings), visual=visual)
 
 
 def ingest_limits(settings: Settings) -> IngestLimits:

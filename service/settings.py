@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     embedder_path: Path | None = Field(
         None, description="sentence-transformers folder for captions (default all-MiniLM-L6-v2)"
     )
+    visual_model: str = Field("ViT-B-32", description="open_clip architecture of the visual index")
+    visual_checkpoint: Path | None = Field(
+        None, description="local open_clip weights; set to turn the visual index on"
+    )
+    visual_weight: float = Field(0.3, ge=0, le=1, description="visual share of the fused score")
     max_upload_mb: float = Field(512, gt=0)
     max_clip_duration_s: float = Field(600, gt=0)
     max_clip_width: int = Field(4096, gt=0)

@@ -140,7 +140,9 @@ def _apply_threads(threads: int | None) -> None:
 
 
 def _gpu_available() -> bool:
-    return hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+    return (
+        hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+    )
 
 
 _gpu_resources: Any = None

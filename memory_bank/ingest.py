@@ -7,12 +7,14 @@ content-addressed, and a file already in the bank returns its existing id.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from memory_bank.bank import MemoryBank
@@ -102,6 +104,17 @@ def validate_clip(path: Path, caption: str, limits: IngestLimits) -> ClipInfo:
     return info
 
 
+def poster_jpeg(path: Path, max_side: int = 320) -> bytes:
+    """A JPEG of the clip's middle keyframe, at most ``max_side`` pixels wide or high."""
+    from memory_bank.visual import read_keyframes
+
+    frame = Image.fromarray(read_keyframes(path, 3)[1])
+    frame.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    frame.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
 class ClipIngestor:
     """Adds clips to a bank with one model's clip preprocessing and memory encoder.
 
@@ -158,6 +171,7 @@ class ClipIngestor:
         visual_embedding = visual.embed_clip(path) if visual is not None else None
 
         store, options = self.bank.store, self.bank.options
+        store.put_poster(content_hash, poster_jpeg(path))
         store.put_tokens(content_hash, self.encoder_version, tokens)
         if options.keep_latents:
             store.put_latent(content_hash, latent[0])

@@ -6,6 +6,7 @@ Layout of a bank directory::
     tokens/<encoder_version>/ab/<hash>.safetensors   distinct per-clip memory tokens
     latents/ab/<hash>.safetensors         canonical VAE latent (optional)
     sources/ab/<hash><ext>                uploaded file (optional)
+    posters/ab/<hash>.jpg                 a small poster frame for listings
     index/                                indexes: materialised views of the manifest
     tmp/                                  partial writes; emptied on open
 
@@ -126,7 +127,7 @@ class ClipStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        for folder in ("tokens", "latents", "sources", "index", "tmp"):
+        for folder in ("tokens", "latents", "sources", "posters", "index", "tmp"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._clear_tmp()
         self._lock = threading.RLock()
@@ -205,6 +206,13 @@ class ClipStore:
 
     def source_path(self, content_hash: str, ext: str) -> Path:
         return self.root / "sources" / f"{_shard(content_hash)}{ext}"
+
+    def poster_path(self, content_hash: str) -> Path:
+        return self.root / "posters" / f"{_shard(content_hash)}.jpg"
+
+    def put_poster(self, content_hash: str, jpeg: bytes) -> Path:
+        path = self.poster_path(content_hash)
+        return self.write_atomically(path, lambda tmp: tmp.write_bytes(jpeg))
 
     def put_tokens(self, content_hash: str, encoder_version: str, tokens: ClipTokens) -> Path:
         """Store one clip's distinct tokens ``(1, U, F)`` in bf16 (a few KB)."""
@@ -350,6 +358,7 @@ class ClipStore:
     def _remove_files(self, content_hash: str, *, has_latent: bool, source_ext: str | None) -> None:
         for version_dir in (self.root / "tokens").iterdir():
             (version_dir / f"{_shard(content_hash)}.safetensors").unlink(missing_ok=True)
+        self.poster_path(content_hash).unlink(missing_ok=True)
         if has_latent:
             self.latent_path(content_hash).unlink(missing_ok=True)
         if source_ext:
@@ -445,7 +454,7 @@ class ClipStore:
         """
         referenced = self.referenced_hashes()
         removed = 0
-        for folder in ("tokens", "latents", "sources"):
+        for folder in ("tokens", "latents", "sources", "posters"):
             for path in (self.root / folder).rglob("*"):
                 if (
                     path.is_file()

@@ -20,7 +20,15 @@ class InvalidClip(ModelError):
 
 
 class InvalidRequest(ModelError):
-    """Generation parameters are out of range for the preset."""
+    """Generation parameters are out of range for the preset.
+
+    Attributes:
+        field: The offending request field, when there is one.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class WeightsNotFound(ModelError):

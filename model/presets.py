@@ -29,7 +29,7 @@ class Bounds:
     def check(self, name: str, value: float) -> None:
         if not self.low <= value <= self.high:
             raise InvalidRequest(
-                f"{name}={value} is outside [{self.low}, {self.high}] for this preset"
+                f"{name}={value} is outside [{self.low}, {self.high}] for this preset", field=name
             )
 
 
@@ -78,11 +78,13 @@ class Preset:
         for name in ("height", "width"):
             if values[name] % self.spatial_multiple:
                 raise InvalidRequest(
-                    f"{name}={values[name]} must be a multiple of {self.spatial_multiple}"
+                    f"{name}={values[name]} must be a multiple of {self.spatial_multiple}",
+                    field=name,
                 )
         if (num_frames - 1) % self.frame_multiple:
             raise InvalidRequest(
-                f"num_frames={num_frames} must be {self.frame_multiple}*n+1 (e.g. 9, 17, 81)"
+                f"num_frames={num_frames} must be {self.frame_multiple}*n+1 (e.g. 9, 17, 81)",
+                field="num_frames",
             )
 
 

@@ -14,10 +14,13 @@ PY
 torch_pin="torch==2.14.1 torchvision==0.29.1"
 hash="$(printf '%s\n%s\n' "$torch_pin" "$deps" | sha256sum | cut -c1-12)"
 venv="${DITMEM_VENV:-$HOME/.cache/ditmem/venv-$hash}"
+mkdir -p "$(dirname "$venv")"
+# One creator at a time: a second caller waits here, then finds the venv complete.
+exec 9>"$venv.lock"
+flock 9
 if [ ! -f "$venv/.complete" ]; then
     echo "ditmem: creating virtualenv $venv (the first run installs several GB)" >&2
     rm -rf "$venv"
-    mkdir -p "$(dirname "$venv")"
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --upgrade pip >&2
     # torch first, pinned to the build the project is tested with.

@@ -271,5 +271,65 @@ def index_rebuild(bank: BankOption = None) -> None:
     typer.echo(f"caption index rebuilt: {size} clips")
 
 
+# -- serving ---------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (DITMEM_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (DITMEM_PORT).")] = None,
+    preset: PresetOption = None,
+    bank: BankOption = None,
+) -> None:
+    """Serve the HTTP API; without DITMEM_REDIS_URL jobs run in this process (embedded mode)."""
+    import uvicorn
+
+    from service.app import create_app
+
+    with user_errors():
+        settings = _settings(host=host, port=port, preset=preset, bank_dir=bank)
+    mode = "celery workers" if settings.redis_url else "embedded worker (no DITMEM_REDIS_URL)"
+    typer.echo(f"ditmem API on http://{settings.host}:{settings.port} ({mode})", err=True)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command()
+def worker(
+    queues: Annotated[
+        str, typer.Option(help="Comma-separated queues to serve.")
+    ] = "generate,ingest",
+    preset: PresetOption = None,
+    bank: BankOption = None,
+) -> None:
+    """Run a Celery worker: loads the model once in this process, then serves jobs one by one."""
+    from worker.main import run_worker
+
+    with user_errors():
+        settings = _settings(preset=preset, bank_dir=bank)
+        if not settings.redis_url:
+            raise ValueError("a worker needs DITMEM_REDIS_URL (the API runs jobs itself without)")
+    run_worker(settings, queues)
+
+
+keys_app = typer.Typer(help="API keys for DITMEM_AUTH=keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    name: Annotated[str, typer.Option(help="Who the key is for.")],
+    write: Annotated[bool, typer.Option(help="Allow memory bank changes.")] = False,
+) -> None:
+    """Print a new secret key and the DITMEM_API_KEYS entry that stores only its hash."""
+    from service.auth import ApiKey, hash_key, new_key
+
+    secret = new_key()
+    entry = ApiKey(
+        name=name, sha256=hash_key(secret), scopes={"read", "write"} if write else {"read"}
+    )
+    typer.echo(f"key (give to {name}, shown once): {secret}")
+    typer.echo(f"DITMEM_API_KEYS entry: {entry.model_dump_json()}")
+
+
 if __name__ == "__main__":
     app()

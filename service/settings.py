@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.auth import ApiKey
+
 
 class Settings(BaseSettings):
     """Service, worker and CLI settings (env vars ``DITMEM_<FIELD>``, or a ``.env`` file)."""
@@ -41,8 +43,41 @@ class Settings(BaseSettings):
     max_clip_duration_s: float = Field(600, gt=0)
     max_clip_width: int = Field(4096, gt=0)
     max_clip_height: int = Field(4096, gt=0)
+    # HTTP API
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    auth: Literal["open", "keys"] = Field(
+        "open", description="'open': no keys, every caller is 'local' (local use only)"
+    )
+    api_keys: list[ApiKey] = Field(
+        default_factory=list, description='JSON list of {"name", "sha256", "scopes"}'
+    )
+    max_upload_stream_chunk: int = Field(1 << 20, gt=0)
+
+    # jobs, queue and results
+    redis_url: str | None = Field(
+        None, description="Redis for the Celery broker and job records; unset: embedded mode"
+    )
+    results_dir: Path = Field(Path("data/results"), description="videos and records of jobs")
+    uploads_dir: Path = Field(Path("data/uploads"), description="uploads waiting for ingest")
+    job_lease_s: float = Field(
+        120, gt=0, description="a running job whose worker is silent this long may run again"
+    )
+    visibility_timeout_s: int = Field(
+        3 * 3600, gt=0, description="Celery redelivers unacknowledged tasks after this"
+    )
+    max_queued_per_key: int = Field(20, ge=1, description="queued jobs per API key before 429")
+    max_concurrent_uploads: int = Field(4, ge=1)
+    worker_name: str | None = Field(None, description="worker name (default: host and pid)")
+
     index_exact_max: int = Field(50_000, ge=1, description="exact search up to this many clips")
     index_nprobe: int = Field(32, ge=1, description="IVF lists probed per search above that")
+
+    @model_validator(mode="after")
+    def _keys_mode_needs_keys(self) -> Settings:
+        if self.auth == "keys" and not self.api_keys:
+            raise ValueError("DITMEM_AUTH=keys needs DITMEM_API_KEYS (see `ditmem keys new`)")
+        return self
 
     @model_validator(mode="after")
     def _real_preset_needs_weights(self) -> Settings:

@@ -20,7 +20,8 @@ from tests.media import moving_square, write_clip
 
 def bank_files(bank: MemoryBank) -> list[Path]:
     return sorted(
-        p for folder in ("tokens", "latents", "sources") for p in (bank.root / folder).rglob("*")
+        p for folder in ("tokens", "latents", "sources", "posters")
+        for p in (bank.root / folder).rglob("*")
         if p.is_file()
     )  # fmt: skip
 
@@ -46,6 +47,10 @@ def test_ingest_stores_record_tokens_latent_and_index_entry(bank, ingestor, clip
     torch.testing.assert_close(cached.high, expected.high, atol=0.05, rtol=0.02)
     torch.testing.assert_close(cached.low, expected.low, atol=0.05, rtol=0.02)
     assert bank.store.latent_path(record.content_hash).is_file()  # keep_latents defaults on
+    from PIL import Image
+
+    with Image.open(bank.store.poster_path(record.content_hash)) as poster:
+        assert poster.format == "JPEG" and poster.size == (48, 48)
 
 
 def test_search_ranks_by_caption_and_respects_exclusions_and_min_score(bank, ingestor, clips):

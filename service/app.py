@@ -1,0 +1,131 @@
+"""``create_app()``: the FastAPI application, its lifespan and its error handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import ApiError, to_api_error
+from service.limits import BodySizeLimit
+from service.routes import generations, health, jobs, memory
+from service.settings import Settings
+from service.state import AppState
+
+logger = logging.getLogger(__name__)
+
+LOCATIONS = ("body", "query", "path", "header")  # not part of a field's name
+
+
+def build_state(settings: Settings) -> AppState:
+    """Job store, dispatcher, bank and metrics for this process (and, embedded, the worker)."""
+    from service.jobs import MemoryJobStore, RedisJobStore
+    from service.metrics import LocalMetrics, RedisMetrics
+    from service.runtime import open_bank
+
+    settings.results_dir.mkdir(parents=True, exist_ok=True)
+    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+    bank = open_bank(settings)
+    if settings.redis_url:
+        from service.dispatch import CeleryDispatcher
+        from worker.celery_app import make_celery
+
+        store = RedisJobStore(settings.redis_url)
+        dispatcher = CeleryDispatcher(make_celery(settings), store.redis)
+        return AppState(settings, store, dispatcher, bank, "celery", RedisMetrics(store.redis))
+
+    # Embedded: the same runner as a worker, on a thread of this process.
+    from model.presets import get_preset
+    from service.dispatch import EmbeddedDispatcher
+    from service.runtime import build_ingestor, load_pipeline_from
+    from worker.embedded import EmbeddedWorker
+    from worker.runner import JobRunner
+
+    store = MemoryJobStore()
+    metrics = LocalMetrics()
+    pipe = load_pipeline_from(settings)
+    runner = JobRunner(
+        store, pipe, get_preset(settings.preset), bank, build_ingestor(settings, bank, pipe),
+        settings.results_dir, lease_s=settings.job_lease_s, name="embedded", metrics=metrics,
+    )  # fmt: skip
+    worker = EmbeddedWorker(runner)
+    state = AppState(settings, store, EmbeddedDispatcher(worker), bank, "embedded", metrics)
+    state.closers.append(worker.stop)
+    return state
+
+
+def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:
+    """The API. ``state`` may be injected (tests); otherwise it is built at startup."""
+    settings = settings or (state.settings if state else Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.ditmem = state or build_state(settings)
+        try:
+            yield
+        finally:
+            current: AppState = app.state.ditmem
+            for close in current.closers:
+                close()
+            current.bank.close()
+
+    app = FastAPI(
+        title="ditmem",
+        summary="Memory-augmented text-to-video generation (DiT-Mem on Wan2.1)",
+        version="0.1.0",
+        lifespan=lifespan,
+        responses={
+            422: {"model": None, "description": "Invalid input"},
+        },
+    )
+    for router in (generations.router, jobs.router, memory.router, health.router):
+        app.include_router(router)
+    app.add_middleware(BodySizeLimit, limit=int(settings.max_upload_mb * 2**20), paths=("/memory",))
+    _install_error_handlers(app)
+    return app
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    body = {"error": {"code": error.code, "message": str(error), "details": error.details}}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = [
+            {
+                "field": ".".join(
+                    str(p) for p in item["loc"] if p not in ("body", "query", "path")
+                ),
+                "message": item["msg"],
+            }
+            for item in error.errors()
+        ]
+        first = problems[0] if problems else {"field": "", "message": "invalid request"}
+        message = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
+        return _error_response(ApiError(422, "validation_error", message, problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return _error_response(
+            ApiError(error.status_code, code, str(error.detail), headers=error.headers)
+        )
+
+    @app.exception_handler(Exception)
+    async def domain_error(request: Request, error: Exception) -> JSONResponse:
+        api_error = to_api_error(error)
+        if api_error is None:
+            logger.exception("unhandled error on %s %s", request.method, request.url.path)
+            api_error = ApiError(500, "internal_error", "internal error; see the server log")
+        if api_error.status >= 500:
+            state = getattr(request.app.state, "ditmem", None)
+            if state is not None:
+                state.metrics.increment("errors_total", "api")
+        return _error_response(api_error)

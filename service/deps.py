@@ -1,0 +1,50 @@
+"""FastAPI dependencies, each declared once as a typed alias."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from memory_bank.bank import MemoryBank
+from service.auth import AuthError, Caller, authenticate
+from service.jobs import JobStore
+from service.settings import Settings
+from service.state import AppState
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.ditmem
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_settings_dep(state: StateDep) -> Settings:
+    return state.settings
+
+
+def get_bank(state: StateDep) -> MemoryBank:
+    return state.bank
+
+
+def get_store(state: StateDep) -> JobStore:
+    return state.store
+
+
+def get_caller(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    settings = state.settings
+    return authenticate(authorization, settings.api_keys, open_mode=settings.auth == "open")
+
+
+def get_writer(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+    if not caller.can("write"):
+        raise AuthError(f"key '{caller.name}' may not change the memory bank", status=403)
+    return caller
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+BankDep = Annotated[MemoryBank, Depends(get_bank)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+CallerDep = Annotated[Caller, Depends(get_caller)]
+WriterDep = Annotated[Caller, Depends(get_writer)]

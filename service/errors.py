@@ -1,0 +1,55 @@
+"""API-level errors and the one table that maps every known error to an HTTP response."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memory_bank.errors import BankCorrupt, ClipNotFound, ClipRejected, IndexCorrupt
+from model.errors import InvalidClip, InvalidRequest, WeightsNotFound
+from service.auth import AuthError
+
+
+class ApiError(Exception):
+    """An error with its HTTP status, machine code and optional details."""
+
+    def __init__(
+        self, status: int, code: str, message: str, details: Any = None, headers: dict | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.details, self.headers = status, code, details, headers or {}
+
+
+class JobNotFound(ApiError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(404, "job_not_found", f"no job with id {job_id}")
+
+
+class JobNotFinished(ApiError):
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(409, "job_not_finished", f"job {job_id} is {status}; no video yet")
+
+
+# (status, code) of domain errors raised by the core packages.
+DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    InvalidRequest: (422, "invalid_request"),
+    InvalidClip: (422, "invalid_clip"),
+    ClipRejected: (422, "clip_rejected"),
+    ClipNotFound: (404, "clip_not_found"),
+    WeightsNotFound: (503, "weights_not_found"),
+    BankCorrupt: (503, "bank_unavailable"),
+    IndexCorrupt: (503, "bank_unavailable"),
+}
+
+
+def to_api_error(error: Exception) -> ApiError | None:
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, AuthError):
+        code = "unauthorized" if error.status == 401 else "forbidden"
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+        return ApiError(error.status, code, str(error), headers=headers)
+    for kind, (status, code) in DOMAIN_ERRORS.items():
+        if isinstance(error, kind):
+            field = getattr(error, "field", None)
+            return ApiError(status, code, str(error), {"field": field} if field else None)
+    return None

@@ -1,0 +1,63 @@
+"""Jobs of the caller: status, list, cancel, and the finished video (with HTTP Range)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+
+from service.deps import CallerDep, StateDep
+from service.errors import JobNotFinished, JobNotFound
+from service.jobs import JobRecord
+from service.schemas import ErrorBody, JobPage, JobView
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+NOT_FOUND = {404: {"model": ErrorBody}}
+
+
+def _own_job(state, caller, job_id: str) -> JobRecord:
+    job = state.store.get(job_id)
+    # Someone else's job is indistinguishable from no job.
+    if job is None or job.owner != caller.name:
+        raise JobNotFound(job_id)
+    return job
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    caller: CallerDep,
+    state: StateDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> JobPage:
+    """The caller's jobs, newest first."""
+    jobs, total = state.store.list(caller.name, offset, limit)
+    return JobPage(items=[JobView.of(j) for j in jobs], total=total, offset=offset, limit=limit)
+
+
+@router.get("/{job_id}", response_model=JobView, responses=NOT_FOUND)
+def get_job(job_id: str, caller: CallerDep, state: StateDep) -> JobView:
+    return JobView.of(_own_job(state, caller, job_id))
+
+
+@router.delete("/{job_id}", response_model=JobView, responses=NOT_FOUND)
+def cancel_job(job_id: str, caller: CallerDep, state: StateDep) -> JobView:
+    """Cancel: a queued job never runs; a running one stops after its current step."""
+    _own_job(state, caller, job_id)
+    return JobView.of(state.store.request_cancel(job_id))
+
+
+@router.get(
+    "/{job_id}/video",
+    response_class=FileResponse,
+    responses={**NOT_FOUND, 409: {"model": ErrorBody}, 200: {"content": {"video/mp4": {}}}},
+)
+def get_video(job_id: str, caller: CallerDep, state: StateDep) -> FileResponse:
+    """The mp4 of a succeeded generation; supports ``Range`` requests for seeking."""
+    job = _own_job(state, caller, job_id)
+    if job.kind != "generate" or job.status != "succeeded" or "video" not in job.result:
+        raise JobNotFinished(job_id, job.status)
+    path = state.settings.results_dir / job.result["video"]
+    return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4")

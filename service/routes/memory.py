@@ -1,0 +1,152 @@
+"""The memory bank over HTTP: upload (ingested by workers), list, get, poster, search, delete."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, UploadFile, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from memory_bank.errors import ClipNotFound, ClipRejected
+from memory_bank.ingest import MAX_CAPTION_CHARS, clean_tags
+from memory_bank.schemas import ClipRecord
+from model.errors import InvalidClip
+from model.preprocess import probe_clip
+from service.deps import BankDep, CallerDep, StateDep, WriterDep
+from service.errors import ApiError
+from service.jobs import JobRecord
+from service.schemas import (
+    ClipView,
+    ClipViewPage,
+    ErrorBody,
+    JobAccepted,
+    JobView,
+    SearchResult,
+)
+
+router = APIRouter(prefix="/memory", tags=["memory"])
+
+# Declared types that are certainly not video; anything else is probed by decoding.
+NOT_VIDEO_PREFIXES = (
+    "text/",
+    "audio/",
+    "application/json",
+    "application/pdf",
+    "image/png",
+    "image/jpeg",
+)
+
+
+def _view(record: ClipRecord) -> ClipView:
+    return ClipView(**record.model_dump(), poster_url=f"/memory/{record.clip_id}/poster")
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    responses={413: {"model": ErrorBody}, 415: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+)
+async def upload_clip(
+    file: Annotated[UploadFile, File(description="A video: mp4, webm, mov, mkv, gif, ...")],
+    caption: Annotated[str, Form(min_length=1, max_length=MAX_CAPTION_CHARS)],
+    caller: WriterDep,
+    state: StateDep,
+    tags: Annotated[str, Form(description="Comma-separated tags")] = "",
+) -> JobAccepted:
+    """Store the upload and queue its ingest; poll the returned job for the clip id."""
+    content_type = (file.content_type or "").lower()
+    if content_type.startswith(NOT_VIDEO_PREFIXES):
+        raise ApiError(415, "unsupported_media_type", f"{content_type} is not a video")
+    if not caption.strip():
+        raise ApiError(
+            422, "validation_error", "caption: must not be blank", [{"field": "caption"}]
+        )
+    tag_list = list(clean_tags(tags.split(",")))
+    job = JobRecord(kind="ingest", owner=caller.name)
+    suffix = Path(file.filename or "").suffix.lower()[:8] or ".bin"
+    upload = state.settings.uploads_dir / f"{job.job_id}{suffix}"
+    try:
+        with open(upload, "wb") as target:
+            await run_in_threadpool(shutil.copyfileobj, file.file, target, 1 << 20)
+        # Probing reads headers and one frame: cheap enough to answer "not a video" right away.
+        await run_in_threadpool(probe_clip, upload)
+    except InvalidClip as error:
+        upload.unlink(missing_ok=True)
+        name = file.filename or "upload"
+        raise ClipRejected(str(error).replace(str(upload), name)) from None
+    except BaseException:
+        upload.unlink(missing_ok=True)
+        raise
+    job.request = {
+        "upload_path": str(upload),
+        "caption": caption.strip(),
+        "tags": tag_list,
+        "source_name": file.filename or upload.name,
+    }
+    state.store.create(job)
+    state.dispatcher.submit(job)
+    state.metrics.increment("jobs_submitted_total", "ingest")
+    return JobAccepted(id=job.job_id, status=job.status, links=JobView.of(job).links)
+
+
+@router.get("", response_model=ClipViewPage)
+def list_clips(
+    caller: CallerDep,
+    bank: BankDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    tag: Annotated[str | None, Query(max_length=64)] = None,
+) -> ClipViewPage:
+    """Clips, newest first, optionally with one tag."""
+    page = bank.list(offset=offset, limit=limit, tag=tag)
+    return ClipViewPage(
+        items=[_view(r) for r in page.items], total=page.total, offset=offset, limit=limit
+    )
+
+
+@router.get("/search", response_model=SearchResult)
+def search_clips(
+    caller: CallerDep,
+    bank: BankDep,
+    state: StateDep,
+    q: Annotated[str, Query(min_length=1, max_length=2000, description="A prompt")],
+    k: Annotated[int, Query(ge=1, le=16)] = 5,
+    min_score: Annotated[float | None, Query(ge=-1, le=1)] = None,
+) -> SearchResult:
+    """What a generation with this prompt would retrieve."""
+    if not q.strip():
+        raise ApiError(422, "validation_error", "q: must not be blank", [{"field": "q"}])
+    import time
+
+    started = time.perf_counter()
+    hits = bank.search(q, k, min_score=min_score)
+    state.metrics.observe("retrieval_seconds", time.perf_counter() - started)
+    return SearchResult(query=q, hits=hits)
+
+
+@router.get("/{clip_id}", response_model=ClipView, responses={404: {"model": ErrorBody}})
+def get_clip(clip_id: int, caller: CallerDep, bank: BankDep) -> ClipView:
+    return _view(bank.get(clip_id))
+
+
+@router.get(
+    "/{clip_id}/poster",
+    response_class=FileResponse,
+    responses={404: {"model": ErrorBody}, 200: {"content": {"image/jpeg": {}}}},
+)
+def get_poster(clip_id: int, caller: CallerDep, bank: BankDep) -> FileResponse:
+    record = bank.get(clip_id)
+    path = bank.store.poster_path(record.content_hash)
+    if not path.is_file():
+        raise ClipNotFound(f"clip {clip_id} has no poster frame")
+    return FileResponse(path, media_type="image/jpeg")
+
+
+@router.delete("/{clip_id}", response_model=ClipView, responses={404: {"model": ErrorBody}})
+def delete_clip(clip_id: int, caller: WriterDep, bank: BankDep) -> ClipView:
+    """Remove the clip's record, files and index entries."""
+    return _view(bank.delete(clip_id))

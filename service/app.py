@@ -11,6 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from memory_bank.errors import BankError
+from model.errors import ModelError
+from service.auth import AuthError
 from service.errors import ApiError, to_api_error
 from service.limits import BodySizeLimit
 from service.routes import generations, health, jobs, memory
@@ -118,14 +121,21 @@ def _install_error_handlers(app: FastAPI) -> None:
             ApiError(error.status_code, code, str(error.detail), headers=error.headers)
         )
 
-    @app.exception_handler(Exception)
-    async def domain_error(request: Request, error: Exception) -> JSONResponse:
+    async def known_error(request: Request, error: Exception) -> JSONResponse:
         api_error = to_api_error(error)
-        if api_error is None:
-            logger.exception("unhandled error on %s %s", request.method, request.url.path)
-            api_error = ApiError(500, "internal_error", "internal error; see the server log")
+        if api_error is None:  # a subclass the table does not know: still the client's input
+            api_error = ApiError(400, "bad_request", str(error))
         if api_error.status >= 500:
-            state = getattr(request.app.state, "ditmem", None)
-            if state is not None:
-                state.metrics.increment("errors_total", "api")
+            request.app.state.ditmem.metrics.increment("errors_total", "api")
         return _error_response(api_error)
+
+    # Registered per class: handlers for bare Exception run in Starlette's outermost
+    # middleware, which re-raises after responding; these return the response and stop there.
+    for known in (ApiError, AuthError, ModelError, BankError):
+        app.add_exception_handler(known, known_error)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        request.app.state.ditmem.metrics.increment("errors_total", "api")
+        return _error_response(ApiError(500, "internal_error", "internal error; see the log"))

@@ -311,6 +311,26 @@ def worker(
     run_worker(settings, queues)
 
 
+@app.command()
+def demo(
+    prompt: Annotated[str, typer.Option(help="What the video shows.")] = "a red ball rolling right",
+    out: Annotated[Path, typer.Option(help="Where to write the mp4.")] = Path("outputs/demo.mp4"),
+    bank: Annotated[Path, typer.Option(help="Memory bank directory for the demo.")] = Path(
+        "outputs/demo-bank"
+    ),
+) -> None:
+    """Serve the embedded API, upload a reference clip, generate with it, save the video."""
+    from service.demo import run_demo
+
+    with user_errors():
+        settings = _settings(
+            preset="tiny", redis_url=None, bank_dir=bank,
+            results_dir=out.parent / "demo-results", uploads_dir=out.parent / "demo-uploads",
+        )  # fmt: skip
+    path = run_demo(settings, prompt, out, report=lambda line: typer.echo(line, err=True))
+    typer.echo(str(path.resolve()))
+
+
 keys_app = typer.Typer(help="API keys for DITMEM_AUTH=keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 

@@ -296,19 +296,24 @@ class ClipStore:
         return self._records(rows)[0] if rows else None
 
     def find_by_id(self, clip_id: int) -> ClipRecord | None:
+        if not 0 < clip_id < 2**63:
+            return None
         rows = self._query(f"SELECT {RECORD_COLUMNS} FROM clips WHERE clip_id = ?", (clip_id,))
         return self._records(rows)[0] if rows else None
 
     def get(self, clip_id: int) -> ClipRecord:
-        rows = self._query(f"SELECT {RECORD_COLUMNS} FROM clips WHERE clip_id = ?", (clip_id,))
-        if not rows:
+        record = self.find_by_id(clip_id)
+        if record is None:
             raise ClipNotFound(f"no clip with id {clip_id}")
-        return self._records(rows)[0]
+        return record
 
     def get_many(self, clip_ids: list[int]) -> list[ClipRecord]:
         """Records in the order of ``clip_ids``; unknown ids raise :class:`ClipNotFound`."""
         if not clip_ids:
             return []
+        out_of_range = [i for i in clip_ids if not 0 < i < 2**63]
+        if out_of_range:
+            raise ClipNotFound(f"no clip with id {', '.join(map(str, out_of_range))}")
         marks = ",".join("?" * len(clip_ids))
         rows = self._query(
             f"SELECT {RECORD_COLUMNS} FROM clips WHERE clip_id IN ({marks})", tuple(clip_ids)

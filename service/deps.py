@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Query, Request
 
 from memory_bank.bank import MemoryBank
 from service.auth import AuthError, Caller, authenticate
@@ -48,3 +48,7 @@ BankDep = Annotated[MemoryBank, Depends(get_bank)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 CallerDep = Annotated[Caller, Depends(get_caller)]
 WriterDep = Annotated[Caller, Depends(get_writer)]
+
+# Bounded so no request can push an id or offset past what SQLite and Redis accept.
+ClipId = Annotated[int, Path(ge=1, le=2**62)]
+Offset = Annotated[int, Query(ge=0, le=10**9)]

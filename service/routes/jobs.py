@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from service.deps import CallerDep, StateDep
+from service.deps import CallerDep, Offset, StateDep
 from service.errors import JobNotFinished, JobNotFound
 from service.jobs import JobRecord
 from service.schemas import ErrorBody, JobPage, JobView
@@ -29,7 +29,7 @@ def _own_job(state, caller, job_id: str) -> JobRecord:
 def list_jobs(
     caller: CallerDep,
     state: StateDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobPage:
     """The caller's jobs, newest first."""

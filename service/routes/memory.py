@@ -15,7 +15,7 @@ from memory_bank.ingest import MAX_CAPTION_CHARS, clean_tags
 from memory_bank.schemas import ClipRecord
 from model.errors import InvalidClip
 from model.preprocess import probe_clip
-from service.deps import BankDep, CallerDep, StateDep, WriterDep
+from service.deps import BankDep, CallerDep, ClipId, Offset, StateDep, WriterDep
 from service.errors import ApiError
 from service.jobs import JobRecord
 from service.schemas import (
@@ -97,7 +97,7 @@ async def upload_clip(
 def list_clips(
     caller: CallerDep,
     bank: BankDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     tag: Annotated[str | None, Query(max_length=64)] = None,
 ) -> ClipViewPage:
@@ -129,7 +129,7 @@ def search_clips(
 
 
 @router.get("/{clip_id}", response_model=ClipView, responses={404: {"model": ErrorBody}})
-def get_clip(clip_id: int, caller: CallerDep, bank: BankDep) -> ClipView:
+def get_clip(clip_id: ClipId, caller: CallerDep, bank: BankDep) -> ClipView:
     return _view(bank.get(clip_id))
 
 
@@ -138,7 +138,7 @@ def get_clip(clip_id: int, caller: CallerDep, bank: BankDep) -> ClipView:
     response_class=FileResponse,
     responses={404: {"model": ErrorBody}, 200: {"content": {"image/jpeg": {}}}},
 )
-def get_poster(clip_id: int, caller: CallerDep, bank: BankDep) -> FileResponse:
+def get_poster(clip_id: ClipId, caller: CallerDep, bank: BankDep) -> FileResponse:
     record = bank.get(clip_id)
     path = bank.store.poster_path(record.content_hash)
     if not path.is_file():
@@ -147,6 +147,6 @@ def get_poster(clip_id: int, caller: CallerDep, bank: BankDep) -> FileResponse:
 
 
 @router.delete("/{clip_id}", response_model=ClipView, responses={404: {"model": ErrorBody}})
-def delete_clip(clip_id: int, caller: WriterDep, bank: BankDep) -> ClipView:
+def delete_clip(clip_id: ClipId, caller: WriterDep, bank: BankDep) -> ClipView:
     """Remove the clip's record, files and index entries."""
     return _view(bank.delete(clip_id))

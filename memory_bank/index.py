@@ -355,7 +355,8 @@ class VectorIndex:
         centroids = _spherical_kmeans(sample, nlist, _KMEANS_ITERATIONS, rng)
         index = cls._new_ivf(dim, centroids, config.ivf_storage)
         if not index.is_trained:  # sq8: learn per-dimension ranges of the residuals
-            index.train(sample[: min(n_train, _SQ_TRAIN_POINTS)])
+            # Strided, not a prefix: the sorted sample's prefix is the start of the input only.
+            index.train(sample[:: max(1, n_train // _SQ_TRAIN_POINTS)])
         del sample
         add_preassigned(index, x, _assign(x, centroids), id_arr)
         return cls(index, config)

@@ -17,9 +17,10 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_S = 20.0
 
 
-def build_runner(settings: Settings, store) -> JobRunner:
+def build_runner(settings: Settings, store: RedisJobStore) -> JobRunner:
     """Pipeline, bank and ingestor built here, in the worker process itself (never forked)."""
     from model.presets import get_preset
+    from service.metrics import RedisMetrics
 
     pipe = load_pipeline_from(settings)
     bank = open_bank(settings)
@@ -32,6 +33,7 @@ def build_runner(settings: Settings, store) -> JobRunner:
         settings.results_dir,
         lease_s=settings.job_lease_s,
         name=settings.worker_name or default_worker_name(),
+        metrics=RedisMetrics(store.redis),
     )
 
 

@@ -267,3 +267,6 @@ class RedisJobStore:
 
     def announce_worker(self, name: str) -> None:
         self.redis.zadd(f"{self.prefix}:workers", {name: time.time()})
+
+    def retire_worker(self, name: str) -> None:
+        self.redis.zrem(f"{self.prefix}:workers", name)

@@ -22,7 +22,12 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # unacked_restore_throttle: check for tasks of dead workers every second, not every
+        # ~100 s, so a job of a killed worker is back in the queue right after the timeout.
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_throttle": 1,
+        },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         task_routes={name: {"queue": queue} for name, queue in QUEUES.items()},
         task_default_queue="generate",

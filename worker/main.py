@@ -68,4 +68,5 @@ def run_worker(settings: Settings, queues: str = "generate,ingest") -> None:
         )
     finally:
         stop.set()
+        store.retire_worker(runner.name)  # readiness must not count a worker that has stopped
         runner.bank.close()

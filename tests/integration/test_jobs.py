@@ -1,0 +1,221 @@
+"""Jobs through the real stack: API in-process, Celery over Redis, one worker subprocess.
+
+All tests of this module share the ``stack`` worker; each waits for its own jobs to finish.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.presets import TINY
+from model.video_io import read_video
+from service.jobs import RedisJobStore
+from tests.integration.conftest import (
+    Stack,
+    get_job,
+    submit_generation,
+    wait_for_job,
+)
+from tests.media import moving_square, write_clip
+from worker.celery_app import GENERATE_TASK, make_celery
+
+pytestmark = pytest.mark.integration
+
+# The slowest request within the tiny preset's bounds (a few seconds on 2 CPU cores).
+SLOW = {"num_frames": 17, "width": 128, "height": 128, "steps": 8}
+
+
+def _running_at_step(job: dict) -> bool:
+    return job["status"] != "queued" and (job["status"] != "running" or job["step"] >= 1)
+
+
+def test_upload_search_generate_download(idle_stack: Stack, tmp_path: Path) -> None:
+    client, env = idle_stack.client, idle_stack.env
+    clip = write_clip(tmp_path / "square.mp4", moving_square("red", direction=1, num_frames=12))
+    caption = "a red square sliding to the right on a black background"
+
+    # Upload: stored, probed, queued for a worker to ingest.
+    response = client.post(
+        "/memory",
+        files={"file": ("square.mp4", clip.read_bytes(), "video/mp4")},
+        data={"caption": caption, "tags": " red, square ,"},
+    )
+    assert response.status_code == 202, response.text
+    ingest = wait_for_job(client, response.json()["id"], timeout=60)
+    assert ingest["status"] == "succeeded", ingest
+    assert ingest["kind"] == "ingest" and ingest["progress"] == 1.0
+    clip_id = ingest["result"]["clip_id"]
+    assert ingest["result"]["created"] is True
+    assert list(env.uploads_dir.iterdir()) == [], "the worker must remove an ingested upload"
+
+    # The API process sees the clip the worker added to the shared bank.
+    record = client.get(f"/memory/{clip_id}")
+    assert record.status_code == 200, record.text
+    assert record.json()["caption"] == caption
+    assert set(record.json()["tags"]) == {"red", "square"}
+    poster = client.get(f"/memory/{clip_id}/poster")
+    assert poster.status_code == 200 and poster.headers["content-type"] == "image/jpeg"
+    search = client.get("/memory/search", params={"q": "a red square moving right", "k": 3})
+    assert search.status_code == 200, search.text
+    assert clip_id in [hit["clip_id"] for hit in search.json()["hits"]]
+
+    # Generate with one retrieved clip.
+    job_id = submit_generation(client, "a red square moving to the right", memory={"k": 1})
+    job = wait_for_job(client, job_id, timeout=60)
+    assert job["status"] == "succeeded", job
+    assert job["error"] is None
+    assert job["progress"] == 1.0
+    assert job["total_steps"] == TINY.steps and job["step"] == job["total_steps"]
+    assert job["started_at"] is not None and job["finished_at"] is not None
+    assert [used["clip_id"] for used in job["memory_used"]] == [clip_id]
+    assert job["memory_used"][0]["caption"] == caption
+    assert job["links"]["video"] == f"/jobs/{job_id}/video"
+    stored = RedisJobStore(env.redis_url).get(job_id)
+    assert stored is not None and stored.attempts == 1
+
+    # The video: a real mp4 with the requested (default) frame count and size.
+    video = client.get(f"/jobs/{job_id}/video")
+    assert video.status_code == 200, video.text
+    assert video.headers["content-type"] == "video/mp4"
+    downloaded = tmp_path / "downloaded.mp4"
+    downloaded.write_bytes(video.content)
+    frames = read_video(downloaded)
+    assert frames.shape == (TINY.num_frames, TINY.height, TINY.width, 3)
+
+    # Seeking: a byte range.
+    partial = client.get(f"/jobs/{job_id}/video", headers={"Range": "bytes=0-99"})
+    assert partial.status_code == 206, partial.text
+    assert len(partial.content) == 100
+    assert partial.content == video.content[:100]
+    assert partial.headers["content-range"] == f"bytes 0-99/{len(video.content)}"
+
+    # The results folder holds the same mp4 and a record naming the clip.
+    assert (env.results_dir / f"{job_id}.mp4").read_bytes() == video.content
+    result_record = json.loads((env.results_dir / f"{job_id}.json").read_text())
+    assert result_record["job_id"] == job_id
+    assert [used["clip_id"] for used in result_record["memory"]] == [clip_id]
+
+
+def test_cancel_queued_job(idle_stack: Stack) -> None:
+    client, env = idle_stack.client, idle_stack.env
+    first = submit_generation(client, "a blue square, first", memory={"k": 0}, **SLOW)
+    second = submit_generation(client, "a blue square, second", memory={"k": 0}, **SLOW)
+    last = submit_generation(client, "a blue square, last", memory={"k": 0}, **SLOW)
+    wait_for_job(client, first, timeout=30, until=lambda job: job["status"] != "queued")
+    assert get_job(client, last)["status"] == "queued", "needs the last job still queued"
+
+    canceled = client.delete(f"/jobs/{last}")
+    assert canceled.status_code == 200, canceled.text
+    assert canceled.json()["status"] == "canceled"  # final at once: it never runs
+    assert canceled.json()["finished_at"] is not None
+
+    # A job sent after the canceled one finishing means the worker has seen its delivery too.
+    sentinel = submit_generation(client, "a blue square, sentinel", memory={"k": 0})
+    for job_id in (first, second, sentinel):
+        job = wait_for_job(client, job_id, timeout=90)
+        assert job["status"] == "succeeded", job
+
+    job = get_job(client, last)
+    assert job["status"] == "canceled", job
+    assert job["started_at"] is None and job["step"] == 0
+    stored = RedisJobStore(env.redis_url).get(last)
+    assert stored is not None
+    assert stored.attempts == 0 and stored.worker is None
+    assert not (env.results_dir / f"{last}.mp4").exists()
+    assert client.get(f"/jobs/{last}/video").status_code == 409
+
+
+def test_cancel_running_job(idle_stack: Stack) -> None:
+    client, env = idle_stack.client, idle_stack.env
+    # A cancel lands between denoising steps, which take a fraction of a second here: a DELETE
+    # that finds the job at its last steps cannot show it stopping early, so try again.
+    for _attempt in range(3):
+        job_id = submit_generation(client, "a green square turning", memory={"k": 0}, **SLOW)
+        seen = wait_for_job(client, job_id, timeout=30, until=_running_at_step, interval=0.01)
+        response = client.delete(f"/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        at_cancel = response.json()
+        job = wait_for_job(client, job_id, timeout=60)
+        if at_cancel["status"] == "running" and at_cancel["step"] <= SLOW["steps"] - 2:
+            break
+    else:
+        pytest.fail(f"could not cancel a job before its last steps; last seen: {seen}", False)
+
+    assert at_cancel["finished_at"] is None  # running: it stops after its current step
+    assert job["status"] == "canceled", job
+    assert job["started_at"] is not None and job["finished_at"] is not None
+    assert job["total_steps"] == SLOW["steps"]
+    assert at_cancel["step"] <= job["step"] < job["total_steps"], job
+    assert job["progress"] < 1.0
+    assert not (env.results_dir / f"{job_id}.mp4").exists()
+    assert client.get(f"/jobs/{job_id}/video").status_code == 409
+
+    # The worker serves the next job normally.
+    after = wait_for_job(client, submit_generation(client, "a green square"), timeout=60)
+    assert after["status"] == "succeeded", after
+
+
+def test_duplicate_delivery_is_skipped(idle_stack: Stack) -> None:
+    client, env = idle_stack.client, idle_stack.env
+    job_id = submit_generation(client, "a yellow square sliding left", memory={"k": 0})
+    job = wait_for_job(client, job_id, timeout=60)
+    assert job["status"] == "succeeded", job
+    video = env.results_dir / f"{job_id}.mp4"
+    mtime, size = video.stat().st_mtime_ns, video.stat().st_size
+
+    # Celery may deliver a task again (redelivery after a lost ack): same task, same job id.
+    celery_app = make_celery(env.settings())
+    try:
+        result = celery_app.send_task(GENERATE_TASK, args=[job_id], queue="generate")
+        assert result.get(timeout=60) == "skipped (succeeded)"
+    finally:
+        celery_app.close()
+
+    stored = RedisJobStore(env.redis_url).get(job_id)
+    assert stored is not None
+    assert stored.attempts == 1
+    assert stored.status == "succeeded"
+    assert get_job(client, job_id)["finished_at"] == job["finished_at"]
+    assert (video.stat().st_mtime_ns, video.stat().st_size) == (mtime, size)
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_readyz_and_metrics_with_worker(idle_stack: Stack) -> None:
+    client = idle_stack.client
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    checks = ready.json()["checks"]
+    assert ready.json()["status"] == "ok"
+    assert checks["mode"] == "celery" and checks["job_store"] is True
+    assert checks["workers"] >= 1
+
+    job = wait_for_job(client, submit_generation(client, "a red square", memory={"k": 0}))
+    assert job["status"] == "succeeded", job
+
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    samples = _samples(metrics.text)
+    assert samples[("ditmem_queue_depth", (("queue", "generate"),))] == 0
+    assert samples[("ditmem_queue_depth", (("queue", "ingest"),))] == 0
+    assert samples[("ditmem_jobs_submitted_total", (("kind", "generate"),))] >= 1
+    # Measured in the worker process: they must reach the API's /metrics through Redis.
+    measured = {
+        "job durations": samples[("ditmem_job_duration_seconds_count", ())],
+        "step times": samples[("ditmem_step_seconds_count", ())],
+        "finished generations": samples.get(
+            ("ditmem_jobs_finished_total", (("kind", "generate:succeeded"),)), 0
+        ),
+    }
+    assert all(count >= 1 for count in measured.values()), measured

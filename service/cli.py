@@ -331,6 +331,26 @@ def demo(
     typer.echo(str(path.resolve()))
 
 
+@app.command()
+def doctor(preset: PresetOption = None) -> None:
+    """Check torch/CUDA, faiss, weights, Redis and storage for the current settings."""
+    from service.doctor import run_checks
+
+    with user_errors():
+        settings = _settings(preset=preset)
+    checks = run_checks(settings)
+    for check in checks:
+        mark = (
+            typer.style("ok  ", fg=typer.colors.GREEN)
+            if check.ok
+            else typer.style("FAIL", fg=typer.colors.RED)
+        )
+        typer.echo(f"{mark} {check.name:<20} {check.detail}")
+    # No CUDA is only fatal for presets that need a GPU to be useful.
+    fatal = [c for c in checks if not c.ok and (c.name != "cuda" or settings.preset != "tiny")]
+    raise typer.Exit(code=1 if fatal else 0)
+
+
 keys_app = typer.Typer(help="API keys for DITMEM_AUTH=keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 

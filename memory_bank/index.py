@@ -1,9 +1,10 @@
 """Cosine-similarity vector index: a thin FAISS wrapper keyed by stable int64 ids.
 
 The index knows nothing about clips. It is a materialised view of the embeddings held in the
-manifest (SQLite), so it is always rebuildable from ``(ids, vectors)`` with :meth:`VectorIndex.build`
-and kept current with :meth:`VectorIndex.add` / :meth:`VectorIndex.remove`. Vectors are
-L2-normalised on the way in, so inner product is cosine similarity.
+manifest (SQLite), so it is always rebuildable from ``(ids, vectors)`` with
+:meth:`VectorIndex.build` and kept current with :meth:`VectorIndex.add` and
+:meth:`VectorIndex.remove`. Vectors are L2-normalised on the way in, so inner product is cosine
+similarity.
 
 Two layouts, chosen by size:
 
@@ -56,7 +57,7 @@ _GPU_TEMP_MEMORY = 256 * 1024 * 1024  # k<=2048 searches need little; leave the 
 
 
 class IndexConfig(BaseModel):
-    """How a :class:`VectorIndex` lays itself out. Defaults are tuned by ``bench/bank_search.py``."""
+    """How a :class:`VectorIndex` lays itself out; defaults tuned with ``bench/bank_search.py``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -73,8 +74,12 @@ class IndexConfig(BaseModel):
     use_gpu: bool | Literal["auto"] = Field(
         "auto", description="search on a GPU replica; auto: when faiss has GPU support and a GPU"
     )
+    # 1 by default: a single-query flat search splits its scan over the OpenMP team, and on a
+    # 2-core machine shared with other work the team keeps waiting for a descheduled member, which
+    # made flat searches several times slower (docs/benchmarks.md, memory bank section); IVF
+    # single queries are single-threaded either way. Concurrent requests still use every core.
     threads: int | None = Field(
-        None, ge=1, description="faiss OpenMP threads for this index's calls; None: leave as is"
+        1, ge=1, description="faiss OpenMP threads for this index's calls; None: leave as is"
     )
 
 
@@ -223,8 +228,9 @@ def _designed_size(nlist: int) -> int:
 def _assign(x: NDArray[np.float32], centroids: NDArray[np.float32]) -> NDArray[np.int64]:
     """Nearest centroid (max inner product) of each row, in BLAS-sized chunks.
 
-    numpy's BLAS runs this ~4x faster on 2 cores than FAISS's flat-search assignment (a matrix
-    product followed by a top-1 reduction), and it dominates IVF build time.
+    For the large batches of a build: numpy's BLAS runs this ~4x faster on 2 cores than FAISS's
+    flat-search assignment (a matrix product followed by a top-1 reduction), and it dominates
+    IVF build time.
     """
     out = np.empty(x.shape[0], dtype=np.int64)
     buf = np.empty((min(_ASSIGN_CHUNK, x.shape[0]), centroids.shape[0]), dtype=np.float32)
@@ -265,10 +271,12 @@ class VectorIndex:
     Thread safety: any number of threads may call :meth:`search` (and the other read methods)
     while one or more threads call :meth:`add` / :meth:`remove`. Reads share a readers-writer
     lock; a write holds it exclusively only for the FAISS mutation itself (validation,
-    normalisation and IVF list assignment happen before it is taken), which is microseconds for
-    a single vector in an IVF index and at most a few milliseconds for a replacement or removal
-    in a flat index of ``exact_max`` vectors (FAISS compacts the flat array). Readers are never
-    blocked longer than that plus the searches already running.
+    normalisation and IVF list assignment happen before it is taken). Measured on 2 cores: one
+    IVF insert, replacement or removal holds it ~20 us; one flat insert a few us, except when
+    the flat array doubles its capacity (a copy of the whole array, tens of ms at 50K vectors,
+    a handful of times over the index's life); a flat replacement or removal ~2-3 ms at 50K
+    (FAISS compacts the array and rebuilds its reverse id map). Readers are never blocked longer
+    than that plus the searches already running.
     """
 
     def __init__(self, index: faiss.Index, config: IndexConfig) -> None:
@@ -278,18 +286,14 @@ class VectorIndex:
         self._lock = _RWLock()
         self._dim = int(index.d)
         self._kind: Literal["flat", "ivf"]
-        self._centroids: NDArray[np.float32] | None = None
+        # IVF: the coarse quantizer never changes after build, so new vectors are assigned to
+        # lists with it before the write lock is taken (concurrent read-only use is safe).
+        self._quantizer: faiss.Index | None = None
         if isinstance(index, faiss.IndexIDMap2):
             self._kind = "flat"
         else:
             self._kind = "ivf"
-            quantizer = faiss.downcast_index(index.quantizer)
-            # Kept as numpy so new vectors are assigned to lists outside the write lock.
-            self._centroids = (
-                faiss.rev_swig_ptr(quantizer.get_xb(), index.nlist * self._dim)
-                .reshape(index.nlist, self._dim)
-                .copy()
-            )
+            self._quantizer = faiss.downcast_index(index.quantizer)
             index.nprobe = min(config.nprobe, index.nlist)
         # GPU: the CPU index stays authoritative (FAISS GPU indexes cannot remove ids); a replica
         # is uploaded lazily and re-uploaded on the first search after a write.
@@ -339,6 +343,7 @@ class VectorIndex:
             raise ValueError(f"{id_arr.shape[0]} ids but {x.shape[0]} vectors")
         if np.unique(id_arr).size != id_arr.size:
             raise ValueError("ids must be distinct")
+        _wants_gpu(config.use_gpu)  # fail on an impossible GPU request before the slow part
         _apply_threads(config.threads)
         n = x.shape[0]
         if n <= config.exact_max:
@@ -466,9 +471,11 @@ class VectorIndex:
             return 0
         if np.unique(id_arr).size != id_arr.size:
             raise ValueError("ids must be distinct within one add() call")
-        # The quantizer never changes after build, so list assignment can run unlocked.
-        lists = _assign(x, self._centroids) if self._centroids is not None else None
         _apply_threads(self._config.threads)
+        # FAISS's own assignment here, not _assign: for the few vectors of an incremental add it
+        # runs single-threaded SIMD code, whereas numpy's multi-threaded BLAS waits on a busy
+        # 2-core machine for its second thread (measured: 40 us -> 12 ms for one vector).
+        lists = self._quantizer.assign(x, 1).ravel() if self._quantizer is not None else None
         with self._lock.write():
             if lists is None:
                 # Flat: only remove what is present; IDMap2.remove_ids always scans and rebuilds
@@ -548,9 +555,9 @@ class VectorIndex:
             else:
                 scores, labels = self._index.search(x, fetch)
         results: list[list[tuple[int, float]]] = []
-        for row_scores, row_ids in zip(scores.tolist(), labels.tolist()):
+        for row_scores, row_ids in zip(scores.tolist(), labels.tolist(), strict=True):
             hits: list[tuple[int, float]] = []
-            for score, idx in zip(row_scores, row_ids):
+            for score, idx in zip(row_scores, row_ids, strict=True):
                 if idx < 0 or idx in excluded:  # -1: FAISS padding when fewer than fetch exist
                     continue
                 if min_score is not None and score < min_score:

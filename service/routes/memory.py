@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -120,8 +121,6 @@ def search_clips(
     """What a generation with this prompt would retrieve."""
     if not q.strip():
         raise ApiError(422, "validation_error", "q: must not be blank", [{"field": "q"}])
-    import time
-
     started = time.perf_counter()
     hits = bank.search(q, k, min_score=min_score)
     state.metrics.observe("retrieval_seconds", time.perf_counter() - started)

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     max_concurrent_uploads: int = Field(4, ge=1)
     worker_name: str | None = Field(None, description="worker name (default: host and pid)")
 
-    index_exact_max: int = Field(50_000, ge=1, description="exact search up to this many clips")
+    index_exact_max: int = Field(20_000, ge=1, description="exact search up to this many clips")
     index_nprobe: int = Field(32, ge=1, description="IVF lists probed per search above that")
 
     @model_validator(mode="after")

@@ -56,11 +56,16 @@ def main() -> None:
             assert not ingestor.ingest(path, "again").created
         dedup_s = time.perf_counter() - start
 
-        token_bytes = sum(p.stat().st_size for p in (root / "bank" / "tokens").rglob("*.safetensors"))
-        latent_bytes = sum(p.stat().st_size for p in (root / "bank" / "latents").rglob("*.safetensors"))
-        manifest_bytes = sum(p.stat().st_size for p in (root / "bank").glob("manifest.sqlite3*"))
         count = len(bank)
-        bank.close()
+        bank.close()  # the last connection checkpoints the WAL into the manifest file
+        token_bytes = sum(
+            p.stat().st_size for p in (root / "bank" / "tokens").rglob("*.safetensors")
+        )
+        latent_bytes = sum(
+            p.stat().st_size for p in (root / "bank" / "latents").rglob("*.safetensors")
+        )
+        poster_bytes = sum(p.stat().st_size for p in (root / "bank" / "posters").rglob("*.jpg"))
+        manifest_bytes = sum(p.stat().st_size for p in (root / "bank").glob("manifest.sqlite3*"))
 
     result = {
         "preset": "tiny",
@@ -71,6 +76,7 @@ def main() -> None:
         "duplicate_upload_ms_per_clip": 1e3 * dedup_s / len(paths),
         "token_bytes_per_clip": token_bytes / count,
         "latent_bytes_per_clip_tiny": latent_bytes / count,
+        "poster_bytes_per_clip": poster_bytes / count,
         "manifest_bytes_per_clip": manifest_bytes / count,
     }
     print(json.dumps(result, indent=2))

@@ -7,9 +7,10 @@ wherever it runs.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,6 +76,21 @@ class GenerationParams:
             guidance_scale=params.guidance_scale,
         )
         return params
+
+    @classmethod
+    def from_request(cls, preset: Preset, request: Mapping[str, Any]) -> GenerationParams:
+        """:meth:`resolve` from an API request body (``prompt``, ``num_frames``, ``steps`` ...)."""
+        return cls.resolve(
+            preset,
+            request.get("prompt") or "",
+            **{name: request.get(name) for name in REQUEST_FIELDS},
+        )
+
+
+# Optional request fields, named as in the API, and the keyword :meth:`resolve` takes for each.
+REQUEST_FIELDS = (
+    "negative_prompt", "height", "width", "num_frames", "steps", "guidance_scale", "seed",
+)  # fmt: skip
 
 
 @dataclass

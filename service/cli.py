@@ -104,17 +104,13 @@ def generate(
             bank_dir=bank,
         )  # fmt: skip
         chosen = get_preset(settings.preset)
-        params = GenerationParams.resolve(
+        params = GenerationParams.from_request(
             chosen,
-            prompt,
-            negative_prompt=negative_prompt,
-            height=height,
-            width=width,
-            num_frames=frames,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-        )
+            dict(
+                prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                num_frames=frames, steps=steps, guidance_scale=guidance_scale, seed=seed,
+            ),
+        )  # fmt: skip
         if retrieve < 0 or retrieve > 16:
             raise ValueError(f"--retrieve={retrieve} is outside [0, 16]")
         pipe = load_pipeline_from(settings)

@@ -139,18 +139,7 @@ class JobRunner:
         return tokens, used
 
     def _generate(self, job: JobRecord) -> dict[str, Any]:
-        request = job.request
-        params = GenerationParams.resolve(
-            self.preset,
-            request["prompt"],
-            negative_prompt=request.get("negative_prompt"),
-            height=request.get("height"),
-            width=request.get("width"),
-            num_frames=request.get("num_frames"),
-            steps=request.get("steps"),
-            guidance_scale=request.get("guidance_scale"),
-            seed=request.get("seed"),
-        )
+        params = GenerationParams.from_request(self.preset, job.request)
         tokens, used = self._memory_for(job, params.prompt)
         self.store.update(
             job.job_id, memory_used=used, total_steps=params.steps, result={"seed": params.seed}

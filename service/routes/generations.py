@@ -26,17 +26,8 @@ def submit_generation(
     """Queue one video. Poll ``links.self``; download ``links.video`` once it succeeded."""
     preset = get_preset(state.settings.preset)
     # Fail now, not on a worker: bounds of this preset, and pinned clips that do not exist.
-    GenerationParams.resolve(
-        preset,
-        request.prompt,
-        negative_prompt=request.negative_prompt,
-        height=request.height,
-        width=request.width,
-        num_frames=request.num_frames,
-        steps=request.steps,
-        guidance_scale=request.guidance_scale,
-        seed=request.seed if request.seed is not None else 0,
-    )
+    # (seed 0 when unset: validation must not draw the random seed the worker will draw.)
+    GenerationParams.from_request(preset, request.model_dump() | {"seed": request.seed or 0})
     if request.memory.clip_ids:
         bank.store.get_many(list(request.memory.clip_ids))
     queued = state.store.queued_count(caller.name)

@@ -13,9 +13,13 @@ from service.auth import ApiKey
 
 
 class Settings(BaseSettings):
-    """Service, worker and CLI settings (env vars ``DITMEM_<FIELD>``, or a ``.env`` file)."""
+    """Service, worker and CLI settings, from environment variables ``DITMEM_<FIELD>``.
 
-    model_config = SettingsConfigDict(env_prefix="DITMEM_", env_file=".env", extra="ignore")
+    No ``.env`` file is read implicitly: the compose ``.env`` holds container paths, and picking
+    it up on the host would point local runs at them. Pass ``_env_file=...`` to read one.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DITMEM_", extra="ignore")
 
     preset: Literal["tiny", "wan2.1-t2v-1.3b"] = "tiny"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")

@@ -16,7 +16,7 @@ from model.errors import ModelError
 from service.auth import AuthError
 from service.errors import ApiError, to_api_error
 from service.limits import BodySizeLimit
-from service.routes import generations, health, jobs, memory
+from service.routes import generations, health, jobs, memory, ui
 from service.settings import Settings
 from service.state import AppState
 
@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
             422: {"model": None, "description": "Invalid input"},
         },
     )
-    for router in (generations.router, jobs.router, memory.router, health.router):
+    for router in (generations.router, jobs.router, memory.router, health.router, ui.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, limit=int(settings.max_upload_mb * 2**20), paths=("/memory",))
     _install_error_handlers(app)

@@ -1,0 +1,223 @@
+"""The web UI end to end: the real app (embedded worker, tiny preset) in Debian's Chromium.
+
+Runs in the default suite. A missing /usr/bin/chromium is installed with
+``scripts/install-browser.sh`` (apt, as root or with sudo), never skipped: Playwright only
+drives the system browser and downloads nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+from playwright.sync_api import Page, expect, sync_playwright
+
+from service.app import create_app
+from service.settings import Settings
+from tests.media import moving_square, write_clip
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+# The README's screenshots are refreshed on request (DITMEM_SCREENSHOTS=1), so an ordinary test
+# run leaves the checkout untouched; otherwise they go to the test's temporary folder.
+REFRESH_SCREENSHOTS = os.environ.get("DITMEM_SCREENSHOTS") == "1"
+CAPTION = "a red ball rolling right"
+PROMPT = "a red ball rolling to the right"
+SLOW = {"frames": "17", "width": "128", "height": "128", "steps": "8"}  # ~5 s on 2 cores
+
+
+def ensure_chromium() -> Path:
+    if not CHROMIUM.exists():
+        subprocess.run([str(REPO / "scripts" / "install-browser.sh")], check=True, timeout=800)
+    assert CHROMIUM.exists(), "scripts/install-browser.sh did not install /usr/bin/chromium"
+    return CHROMIUM
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ui")
+
+
+@pytest.fixture(scope="module")
+def base_url(root: Path):
+    settings = Settings(
+        _env_file=None,
+        preset="tiny",
+        redis_url=None,
+        bank_dir=root / "bank",
+        results_dir=root / "results",
+        uploads_dir=root / "uploads",
+    )
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn-e2e", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive(), "uvicorn exited during startup"
+        assert time.monotonic() < deadline, "uvicorn did not start in 120 s"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(base_url: str):
+    executable = ensure_chromium()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=base_url)
+        context.set_default_timeout(30_000)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        yield page
+        browser.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def fill_generate(page: Page, prompt: str, **params: str) -> None:
+    page.get_by_role("button", name="Generate", exact=True).first.click()
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    for name, value in params.items():
+        page.locator(f"#gen-{name}").fill(value)
+
+
+def watch_job(page: Page, job, until: set[str], timeout: float = 90.0) -> list[tuple[str, float]]:
+    """(status, progress value) as the page shows them, sampled every 50 ms."""
+    seen: list[tuple[str, float]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = job.get_attribute("data-status")
+        value = job.locator("progress").evaluate("p => p.hasAttribute('value') ? p.value : -1")
+        seen.append((status, value))
+        if status in until:
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"job still {seen[-1] if seen else None} after {timeout} s")
+
+
+def no_horizontal_scroll(page: Page) -> bool:
+    return page.evaluate(
+        "() => document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+    )
+
+
+def test_ui_end_to_end(page: Page, root: Path) -> None:
+    screenshots = REPO / "docs" / "images" if REFRESH_SCREENSHOTS else root / "screenshots"
+    started = time.monotonic()
+    clip = write_clip(root / "red.mp4", moving_square("red", 1))
+    screenshots.mkdir(parents=True, exist_ok=True)
+
+    # Memory: upload through the file picker, see it in the gallery.
+    page.goto("/#memory")
+    expect(page.locator("#gallery-info")).to_contain_text("empty")
+    page.get_by_label("Video file").set_input_files(clip)
+    page.get_by_label("Caption").fill(CAPTION)
+    page.get_by_label("Tags").fill("demo, red")
+    page.get_by_role("button", name="Upload").click()
+    expect(page.locator("#upload-status")).to_contain_text("Added clip", timeout=90_000)
+    card = page.locator("#gallery li.card", has_text=CAPTION)
+    expect(card).to_have_count(1)
+    expect(card.locator("img")).to_have_js_property("complete", True)
+    clip_id = card.get_attribute("data-clip-id")
+    expect(card).to_contain_text("demo")
+    # The API's validation error is shown plainly: a text file is not a video.
+    page.get_by_label("Video file").set_input_files(
+        {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"}
+    )
+    page.get_by_role("button", name="Upload").click()
+    expect(page.locator("#upload-status")).to_contain_text("Not a video")
+    page.get_by_label("Video file").set_input_files([])
+    page.screenshot(path=str(screenshots / "ui-memory.png"))
+    # The drop area takes a dropped file as well as the picker.
+    page.locator("#drop-zone").evaluate(
+        """zone => {
+            const data = new DataTransfer();
+            data.items.add(new File(["x"], "dropped.mp4", {type: "video/mp4"}));
+            zone.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+        }"""
+    )
+    expect(page.locator("#upload-file-name")).to_contain_text("dropped.mp4")
+
+    # Generate: the retrieval preview follows the prompt.
+    fill_generate(page, PROMPT, frames="17", width="128", height="128", steps="4", seed="7")
+    preview = page.locator(f'#preview-list li[data-clip-id="{clip_id}"]')
+    expect(preview).to_contain_text(CAPTION)
+    expect(preview.locator(".score")).to_have_text(re.compile(r"^-?\d\.\d{3}$"))
+    page.screenshot(path=str(screenshots / "ui-generate.png"))
+
+    # Submit: the job shows up in Jobs with a moving progress bar, then a playable video.
+    page.get_by_role("button", name="Generate", exact=True).last.click()
+    expect(page.locator("#view-jobs")).to_be_visible()
+    job = page.locator("#jobs-list li.job[data-status]").filter(has_text=PROMPT).first
+    expect(job).to_be_visible()
+    seen = watch_job(page, job, {"succeeded", "failed", "canceled"})
+    assert seen[-1][0] == "succeeded", (seen[-1], job.inner_text())
+    # The bar moved (a value > 0 while running), or at least the job was seen running.
+    moved = any(value > 0 for status, value in seen if status == "running")
+    assert moved or "running" in [status for status, _ in seen], seen
+    expect(job.locator("progress")).to_be_hidden()  # the bar goes once the job is done
+    video = job.locator("video")
+    expect(video).to_have_attribute("src", f"/jobs/{job.get_attribute('data-job-id')}/video")
+    page.wait_for_function(
+        "v => Number.isFinite(v.duration) && v.duration > 0", arg=video.element_handle()
+    )
+    duration = video.evaluate("async v => { v.muted = true; await v.play(); return v.duration; }")
+    assert math.isfinite(duration) and duration > 0
+    download = job.get_by_role("link", name="Download mp4")
+    expect(download).to_have_attribute("download", re.compile(r"\.mp4$"))
+    expect(job.locator(f'.used li[data-clip-id="{clip_id}"]')).to_contain_text(CAPTION)
+    page.screenshot(path=str(screenshots / "ui-jobs.png"))
+
+    # A slow job, canceled from the UI.
+    fill_generate(page, "a slow blue square", **SLOW)
+    page.get_by_role("button", name="Generate", exact=True).last.click()
+    slow = page.locator("#jobs-list li.job").filter(has_text="a slow blue square").first
+    expect(slow).to_have_attribute("data-status", re.compile("queued|running"))
+    expect(slow.get_by_label(re.compile("step|queue"))).to_be_attached()
+    slow.get_by_role("button", name="Cancel").click()
+    expect(slow).to_have_attribute("data-status", "canceled", timeout=60_000)
+    expect(slow.get_by_role("button", name="Cancel")).to_be_hidden()
+
+    # Phone width: every view fits without horizontal scrolling.
+    page.set_viewport_size({"width": 390, "height": 844})
+    for view in ("generate", "jobs", "memory"):
+        page.goto(f"/#{view}")
+        expect(page.locator(f"#view-{view}")).to_be_visible()
+        assert no_horizontal_scroll(page), f"{view} scrolls sideways at 390 px"
+    page.set_viewport_size({"width": 1280, "height": 800})
+
+    # Memory: delete the clip (accepting the confirmation) and see it gone.
+    page.goto("/#memory")
+    card = page.locator(f'#gallery li[data-clip-id="{clip_id}"]')
+    expect(card).to_have_count(1)
+    page.once("dialog", lambda dialog: dialog.accept())
+    card.get_by_role("button", name="Delete").click()
+    expect(card).to_have_count(0)
+    expect(page.locator("#gallery-info")).to_contain_text("empty")
+    expect(page.locator("#status")).to_contain_text(f"Deleted clip {clip_id}")
+    assert time.monotonic() - started < 120

@@ -193,7 +193,10 @@ def test_ui_end_to_end(page: Page, root: Path) -> None:
     expect(job.locator(f'.used li[data-clip-id="{clip_id}"]')).to_contain_text(CAPTION)
     page.screenshot(path=str(screenshots / "ui-jobs.png"))
 
-    # A slow job, canceled from the UI.
+    # A slow job, canceled from the UI. Another slow job ahead of it keeps it waiting long enough
+    # for the click, however fast this machine is.
+    fill_generate(page, "a slow green square", **SLOW)
+    page.get_by_role("button", name="Generate", exact=True).last.click()
     fill_generate(page, "a slow blue square", **SLOW)
     page.get_by_role("button", name="Generate", exact=True).last.click()
     slow = page.locator("#jobs-list li.job").filter(has_text="a slow blue square").first

@@ -7,19 +7,17 @@ see every part work together, with no Redis and no GPU.
 
 from __future__ import annotations
 
-import socket
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
-import uvicorn
 
 from model.video_io import write_video
 from service.app import create_app
+from service.local_server import running_server
 from service.settings import Settings
 
 
@@ -31,12 +29,6 @@ def reference_clip(path: Path, num_frames: int = 16, size: int = 64) -> Path:
         x = 4 + index * (size - side - 8) // max(num_frames - 1, 1)
         frames[index, size // 3 : size // 3 + side, x : x + side] = (0.9, 0.1, 0.1)
     return write_video(frames, path, fps=8)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait_job(client: httpx.Client, job_id: str, report: Callable[[str], None]) -> dict:
@@ -56,45 +48,28 @@ def run_demo(
     settings: Settings, prompt: str, out: Path, report: Callable[[str], None] = print
 ) -> Path:
     """Serve, upload, generate with memory, download; returns the written mp4."""
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as scratch:
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-                deadline = time.monotonic() + 300
-                while not server.started:
-                    if time.monotonic() > deadline or not thread.is_alive():
-                        raise RuntimeError("the API did not start")
-                    time.sleep(0.1)
-                report(f"API up on http://127.0.0.1:{port} (embedded worker)")
-                clip = reference_clip(Path(scratch) / "red-square.mp4")
-                with open(clip, "rb") as handle:
-                    accepted = client.post(
-                        "/memory",
-                        files={"file": (clip.name, handle, "video/mp4")},
-                        data={"caption": "a red square sliding to the right", "tags": "demo"},
-                    ).raise_for_status()
-                ingest = _wait_job(client, accepted.json()["id"], report)
-                if ingest["status"] != "succeeded":
-                    raise RuntimeError(f"ingest {ingest['status']}: {ingest['error']}")
+    with tempfile.TemporaryDirectory() as scratch, running_server(create_app(settings)) as url:
+        report(f"API up on {url} (embedded worker)")
+        with httpx.Client(base_url=url, timeout=600) as client:
+            clip = reference_clip(Path(scratch) / "red-square.mp4")
+            with open(clip, "rb") as handle:
                 accepted = client.post(
-                    "/generate", json={"prompt": prompt, "memory": {"k": 1}, "seed": 0}
+                    "/memory",
+                    files={"file": (clip.name, handle, "video/mp4")},
+                    data={"caption": "a red square sliding to the right", "tags": "demo"},
                 ).raise_for_status()
-                job = _wait_job(client, accepted.json()["id"], report)
-                if job["status"] != "succeeded":
-                    raise RuntimeError(f"generation {job['status']}: {job['error']}")
-                for used in job["memory_used"]:
-                    report(
-                        f"memory clip {used['clip_id']} ({used['score']:.3f}): {used['caption']}"
-                    )
-                video = client.get(job["links"]["video"]).raise_for_status()
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(video.content)
-        finally:
-            server.should_exit = True
-            thread.join(timeout=30)
+            ingest = _wait_job(client, accepted.json()["id"], report)
+            if ingest["status"] != "succeeded":
+                raise RuntimeError(f"ingest {ingest['status']}: {ingest['error']}")
+            accepted = client.post(
+                "/generate", json={"prompt": prompt, "memory": {"k": 1}, "seed": 0}
+            ).raise_for_status()
+            job = _wait_job(client, accepted.json()["id"], report)
+            if job["status"] != "succeeded":
+                raise RuntimeError(f"generation {job['status']}: {job['error']}")
+            for used in job["memory_used"]:
+                report(f"memory clip {used['clip_id']} ({used['score']:.3f}): {used['caption']}")
+            video = client.get(job["links"]["video"]).raise_for_status()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(video.content)
     return out

@@ -10,18 +10,16 @@ from __future__ import annotations
 import math
 import os
 import re
-import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 from playwright.sync_api import Page, expect, sync_playwright
 
 from service.app import create_app
-from service.settings import Settings
+from service.local_server import running_server
+from tests.embedded import embedded_settings
 from tests.media import moving_square, write_clip
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -47,12 +45,6 @@ def ensure_chromium() -> Path:
     return CHROMIUM
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ui")
@@ -60,28 +52,8 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(root: Path):
-    settings = Settings(
-        _env_file=None,
-        preset="tiny",
-        redis_url=None,
-        bank_dir=root / "bank",
-        results_dir=root / "results",
-        uploads_dir=root / "uploads",
-    )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, name="uvicorn-e2e", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive(), "uvicorn exited during startup"
-        assert time.monotonic() < deadline, "uvicorn did not start in 120 s"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running_server(create_app(embedded_settings(root))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -11,22 +11,10 @@ from fastapi.testclient import TestClient
 from model.video_io import read_video
 from service.app import create_app
 from service.auth import ApiKey, hash_key
-from service.settings import Settings
+from tests.embedded import embedded_settings
 from tests.media import moving_square, write_clip
 
 SLOW = {"num_frames": 17, "width": 128, "height": 128, "steps": 8}  # ~5 s on 2 cores
-
-
-def make_settings(root: Path, **overrides) -> Settings:
-    return Settings(
-        _env_file=None,
-        preset="tiny",
-        redis_url=None,
-        bank_dir=root / "bank",
-        results_dir=root / "results",
-        uploads_dir=root / "uploads",
-        **overrides,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +24,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(root: Path):
-    with TestClient(create_app(make_settings(root, max_upload_mb=2))) as test_client:
+    with TestClient(create_app(embedded_settings(root, max_upload_mb=2))) as test_client:
         yield test_client
 
 
@@ -263,7 +251,7 @@ ALICE, BOB = "alice-secret-key", "bob-secret-key"
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory):
     root = tmp_path_factory.mktemp("keyed")
-    settings = make_settings(
+    settings = embedded_settings(
         root,
         auth="keys",
         max_queued_per_key=1,

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 from model.video_io import read_video
 from service.demo import run_demo
-from service.settings import Settings
+from tests.embedded import embedded_settings
 
 
 def test_demo_uploads_generates_with_memory_and_downloads(tmp_path):
-    settings = Settings(
-        _env_file=None,
-        preset="tiny",
-        redis_url=None,
-        bank_dir=tmp_path / "bank",
-        results_dir=tmp_path / "results",
-        uploads_dir=tmp_path / "uploads",
-    )
+    settings = embedded_settings(tmp_path)
     lines: list[str] = []
     out = run_demo(settings, "a red ball rolling right", tmp_path / "demo.mp4", report=lines.append)
 

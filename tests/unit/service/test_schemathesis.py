@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 from service.app import create_app
-from tests.unit.service.test_api_embedded import make_settings
+from service.local_server import running_server
+from tests.embedded import embedded_settings
 
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    app = create_app(make_settings(root, max_upload_mb=1, max_queued_per_key=5))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "API did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield schemathesis.openapi.from_url(f"http://127.0.0.1:{port}/openapi.json")
-    server.should_exit = True
-    thread.join(timeout=30)
+    app = create_app(embedded_settings(root, max_upload_mb=1, max_queued_per_key=5))
+    with running_server(app) as url:
+        yield schemathesis.openapi.from_url(f"{url}/openapi.json")
 
 
 def test_no_server_errors(api_schema):

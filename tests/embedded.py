@@ -1,0 +1,18 @@
+"""Settings of an embedded-mode (no Redis) API on the tiny preset, rooted in a test folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from service.settings import Settings
+
+
+def embedded_settings(root: Path, **overrides) -> Settings:
+    return Settings(
+        preset="tiny",
+        redis_url=None,
+        bank_dir=root / "bank",
+        results_dir=root / "results",
+        uploads_dir=root / "uploads",
+        **overrides,
+    )

@@ -24,12 +24,22 @@ def build_runner(settings: Settings, store: RedisJobStore) -> JobRunner:
 
     pipe = load_pipeline_from(settings)
     bank = open_bank(settings)
+    ingestor = build_ingestor(settings, bank, pipe)
+    # A new encoder makes every cached token stale: recompute them before serving jobs.
+    outcome = ingestor.refresh_tokens()
+    if outcome.updated or outcome.unrecoverable:
+        logger.warning(
+            "encoder %s: recomputed tokens of %d clips; %d clips keep no latent or source and "
+            "cannot be used as memory: %s",
+            ingestor.encoder_version, len(outcome.updated), len(outcome.unrecoverable),
+            outcome.unrecoverable[:20],
+        )  # fmt: skip
     return JobRunner(
         store,
         pipe,
         get_preset(settings.preset),
         bank,
-        build_ingestor(settings, bank, pipe),
+        ingestor,
         settings.results_dir,
         lease_s=settings.job_lease_s,
         name=settings.worker_name or default_worker_name(),

@@ -52,8 +52,10 @@ def build_state(settings: Settings) -> AppState:
     store = MemoryJobStore()
     metrics = LocalMetrics()
     pipe = load_pipeline_from(settings)
+    ingestor = build_ingestor(settings, bank, pipe)
+    ingestor.refresh_tokens()  # as a worker does at start: tokens of another encoder are stale
     runner = JobRunner(
-        store, pipe, get_preset(settings.preset), bank, build_ingestor(settings, bank, pipe),
+        store, pipe, get_preset(settings.preset), bank, ingestor,
         settings.results_dir, lease_s=settings.job_lease_s, name="embedded", metrics=metrics,
     )  # fmt: skip
     worker = EmbeddedWorker(runner)

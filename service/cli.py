@@ -347,6 +347,41 @@ def doctor(preset: PresetOption = None) -> None:
     raise typer.Exit(code=1 if fatal else 0)
 
 
+@app.command()
+def train(
+    run_dir: Annotated[Path, typer.Option(help="Checkpoints, exported weights and loss log.")],
+    steps: Annotated[int, typer.Option(min=1)] = 1000,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-5,
+    batch_size: Annotated[int, typer.Option(min=1)] = 1,
+    grad_accum: Annotated[int, typer.Option(min=1)] = 1,
+    k: Annotated[int, typer.Option(min=1, help="Memory clips per sample.")] = 5,
+    tag: Annotated[str | None, typer.Option(help="Training targets: clips with this tag.")] = (
+        "train"
+    ),
+    checkpoint_every: Annotated[int, typer.Option(min=1)] = 500,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    bank: BankOption = None,
+    preset: PresetOption = None,
+) -> None:
+    """Train the memory encoder on the bank with the backbone frozen (accelerate-ready)."""
+    from model.training import TrainConfig, train_encoder
+    from service.runtime import load_pipeline_from, open_bank
+
+    with user_errors():
+        settings = _settings(bank_dir=bank, preset=preset)
+        config = TrainConfig(
+            run_dir=run_dir, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+            k=k, train_tag=tag, checkpoint_every=checkpoint_every, seed=seed,
+        )  # fmt: skip
+        pipe = load_pipeline_from(settings)
+        with open_bank(settings) as opened:
+            result = train_encoder(pipe, opened, config, resume=resume)
+    typer.echo(f"final loss {result.final_loss:.5f}")
+    typer.echo(f"official checkpoint: {result.official_path}")
+    typer.echo(f"encoder folder: {result.encoder_dir}  (serve it: DITMEM_DIT_MEM_PATH=<folder>)")
+
+
 keys_app = typer.Typer(help="API keys for DITMEM_AUTH=keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 

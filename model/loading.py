@@ -167,7 +167,9 @@ def load_memory_encoder(
             else torch.load(path, map_location="cpu", weights_only=True)
         )
     load_encoder_state(encoder, state)
-    return encoder.to(device=device, dtype=dtype).eval()
+    if dtype != encoder.dtype:
+        encoder = encoder.to(dtype=dtype)
+    return encoder.to(device=device).eval()
 
 
 def save_memory_encoder(encoder: MemoryEncoder, folder: str | Path) -> Path:

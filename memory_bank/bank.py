@@ -183,7 +183,7 @@ class MemoryBank:
                 for clip_id, score in fused
                 if min_score is None or score >= min_score
             ][:k]
-        records = {r.clip_id: r for r in self._existing([clip_id for clip_id, _ in ranked])}
+        records = self.store.find_many([clip_id for clip_id, _ in ranked])
         return [
             SearchHit(
                 clip_id=clip_id,
@@ -195,10 +195,6 @@ class MemoryBank:
             for clip_id, score in ranked
             if clip_id in records  # deleted by another process since the last refresh
         ]
-
-    def _existing(self, clip_ids: list[int]) -> list[ClipRecord]:
-        found = [self.store.find_by_id(clip_id) for clip_id in clip_ids]
-        return [record for record in found if record is not None]
 
     def get(self, clip_id: int) -> ClipRecord:
         return self.store.get(clip_id)

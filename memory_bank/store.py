@@ -307,18 +307,20 @@ class ClipStore:
             raise ClipNotFound(f"no clip with id {clip_id}")
         return record
 
+    def find_many(self, clip_ids: list[int]) -> dict[int, ClipRecord]:
+        """Records of the ids that exist, by id, in one query."""
+        valid = [i for i in clip_ids if 0 < i < 2**63]
+        if not valid:
+            return {}
+        marks = ",".join("?" * len(valid))
+        rows = self._query(
+            f"SELECT {RECORD_COLUMNS} FROM clips WHERE clip_id IN ({marks})", tuple(valid)
+        )
+        return {record.clip_id: record for record in self._records(rows)}
+
     def get_many(self, clip_ids: list[int]) -> list[ClipRecord]:
         """Records in the order of ``clip_ids``; unknown ids raise :class:`ClipNotFound`."""
-        if not clip_ids:
-            return []
-        out_of_range = [i for i in clip_ids if not 0 < i < 2**63]
-        if out_of_range:
-            raise ClipNotFound(f"no clip with id {', '.join(map(str, out_of_range))}")
-        marks = ",".join("?" * len(clip_ids))
-        rows = self._query(
-            f"SELECT {RECORD_COLUMNS} FROM clips WHERE clip_id IN ({marks})", tuple(clip_ids)
-        )
-        by_id = {record.clip_id: record for record in self._records(rows)}
+        by_id = self.find_many(clip_ids)
         missing = [clip_id for clip_id in clip_ids if clip_id not in by_id]
         if missing:
             raise ClipNotFound(f"no clip with id {', '.join(map(str, missing))}")

@@ -16,3 +16,8 @@ def embedded_settings(root: Path, **overrides) -> Settings:
         uploads_dir=root / "uploads",
         **overrides,
     )
+
+
+# The slowest request the tiny preset accepts (a few seconds on 2 CPU cores): long enough for
+# tests to see a job running or queued behind another one.
+SLOW_REQUEST = {"num_frames": 17, "width": 128, "height": 128, "steps": 8}

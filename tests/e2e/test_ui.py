@@ -19,7 +19,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from service.app import create_app
 from service.local_server import running_server
-from tests.embedded import embedded_settings
+from tests.embedded import SLOW_REQUEST, embedded_settings
 from tests.media import moving_square, write_clip
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -35,7 +35,9 @@ CHROMIUM_ARGS = [
 REFRESH_SCREENSHOTS = os.environ.get("DITMEM_SCREENSHOTS") == "1"
 CAPTION = "a red ball rolling right"
 PROMPT = "a red ball rolling to the right"
-SLOW = {"frames": "17", "width": "128", "height": "128", "steps": "8"}  # ~5 s on 2 cores
+SLOW = {
+    "frames" if name == "num_frames" else name: str(value) for name, value in SLOW_REQUEST.items()
+}  # form fields
 
 
 def ensure_chromium() -> Path:

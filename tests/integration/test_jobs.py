@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from model.presets import TINY
 from model.video_io import read_video
 from service.jobs import RedisJobStore
+from tests.embedded import SLOW_REQUEST
 from tests.integration.conftest import (
     Stack,
     get_job,
@@ -24,9 +25,6 @@ from tests.media import moving_square, write_clip
 from worker.celery_app import GENERATE_TASK, make_celery
 
 pytestmark = pytest.mark.integration
-
-# The slowest request within the tiny preset's bounds (a few seconds on 2 CPU cores).
-SLOW = {"num_frames": 17, "width": 128, "height": 128, "steps": 8}
 
 
 def _running_at_step(job: dict) -> bool:
@@ -102,9 +100,9 @@ def test_upload_search_generate_download(idle_stack: Stack, tmp_path: Path) -> N
 
 def test_cancel_queued_job(idle_stack: Stack) -> None:
     client, env = idle_stack.client, idle_stack.env
-    first = submit_generation(client, "a blue square, first", memory={"k": 0}, **SLOW)
-    second = submit_generation(client, "a blue square, second", memory={"k": 0}, **SLOW)
-    last = submit_generation(client, "a blue square, last", memory={"k": 0}, **SLOW)
+    first = submit_generation(client, "a blue square, first", memory={"k": 0}, **SLOW_REQUEST)
+    second = submit_generation(client, "a blue square, second", memory={"k": 0}, **SLOW_REQUEST)
+    last = submit_generation(client, "a blue square, last", memory={"k": 0}, **SLOW_REQUEST)
     wait_for_job(client, first, timeout=30, until=lambda job: job["status"] != "queued")
     assert get_job(client, last)["status"] == "queued", "needs the last job still queued"
 
@@ -134,13 +132,15 @@ def test_cancel_running_job(idle_stack: Stack) -> None:
     # A cancel lands between denoising steps, which take a fraction of a second here: a DELETE
     # that finds the job at its last steps cannot show it stopping early, so try again.
     for _attempt in range(3):
-        job_id = submit_generation(client, "a green square turning", memory={"k": 0}, **SLOW)
+        job_id = submit_generation(
+            client, "a green square turning", memory={"k": 0}, **SLOW_REQUEST
+        )
         seen = wait_for_job(client, job_id, timeout=30, until=_running_at_step, interval=0.01)
         response = client.delete(f"/jobs/{job_id}")
         assert response.status_code == 200, response.text
         at_cancel = response.json()
         job = wait_for_job(client, job_id, timeout=60)
-        if at_cancel["status"] == "running" and at_cancel["step"] <= SLOW["steps"] - 2:
+        if at_cancel["status"] == "running" and at_cancel["step"] <= SLOW_REQUEST["steps"] - 2:
             break
     else:
         pytest.fail(f"could not cancel a job before its last steps; last seen: {seen}", False)
@@ -148,7 +148,7 @@ def test_cancel_running_job(idle_stack: Stack) -> None:
     assert at_cancel["finished_at"] is None  # running: it stops after its current step
     assert job["status"] == "canceled", job
     assert job["started_at"] is not None and job["finished_at"] is not None
-    assert job["total_steps"] == SLOW["steps"]
+    assert job["total_steps"] == SLOW_REQUEST["steps"]
     assert at_cancel["step"] <= job["step"] < job["total_steps"], job
     assert job["progress"] < 1.0
     assert not (env.results_dir / f"{job_id}.mp4").exists()

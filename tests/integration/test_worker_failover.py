@@ -14,6 +14,7 @@ import pytest
 
 from model.video_io import read_video
 from service.jobs import RedisJobStore
+from tests.embedded import SLOW_REQUEST
 from tests.integration.conftest import (
     VISIBILITY_TIMEOUT_S,
     IntegrationEnv,
@@ -23,8 +24,6 @@ from tests.integration.conftest import (
 )
 
 pytestmark = pytest.mark.integration
-
-SLOW = {"num_frames": 17, "width": 128, "height": 128, "steps": 8}
 
 
 def test_readyz_is_503_without_a_worker(fresh_env: IntegrationEnv) -> None:
@@ -53,7 +52,9 @@ def test_killed_worker_job_is_redelivered(
     first = spawn_worker(fresh_env).wait_ready()
     with fresh_env.api() as client:
         assert client.get("/readyz").status_code == 200
-        job_id = submit_generation(client, "a square that survives", memory={"k": 0}, **SLOW)
+        job_id = submit_generation(
+            client, "a square that survives", memory={"k": 0}, **SLOW_REQUEST
+        )
         running = wait_for_job(
             client, job_id, timeout=30, until=lambda job: job["status"] != "queued", interval=0.02
         )
@@ -76,7 +77,7 @@ def test_killed_worker_job_is_redelivered(
 
         job = wait_for_job(client, job_id, timeout=60 + VISIBILITY_TIMEOUT_S)
         assert job["status"] == "succeeded", job
-        assert job["step"] == job["total_steps"] == SLOW["steps"]
+        assert job["step"] == job["total_steps"] == SLOW_REQUEST["steps"]
         finished = store.get(job_id)
         assert finished is not None
         assert finished.attempts == 2
@@ -87,4 +88,9 @@ def test_killed_worker_job_is_redelivered(
         assert video.status_code == 200
         path = tmp_path / "survivor.mp4"
         path.write_bytes(video.content)
-        assert read_video(path).shape == (SLOW["num_frames"], SLOW["height"], SLOW["width"], 3)
+        assert read_video(path).shape == (
+            SLOW_REQUEST["num_frames"],
+            SLOW_REQUEST["height"],
+            SLOW_REQUEST["width"],
+            3,
+        )

@@ -11,10 +11,8 @@ from fastapi.testclient import TestClient
 from model.video_io import read_video
 from service.app import create_app
 from service.auth import ApiKey, hash_key
-from tests.embedded import embedded_settings
+from tests.embedded import SLOW_REQUEST, embedded_settings
 from tests.media import moving_square, write_clip
-
-SLOW = {"num_frames": 17, "width": 128, "height": 128, "steps": 8}  # ~5 s on 2 cores
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +116,8 @@ def test_pinned_clips_are_used_instead_of_retrieval(client, clip_id):
 
 
 def test_cancel_running_and_queued_jobs(client):
-    running = client.post("/generate", json={"prompt": "long one", **SLOW}).json()["id"]
-    queued = client.post("/generate", json={"prompt": "waits", **SLOW}).json()["id"]
+    running = client.post("/generate", json={"prompt": "long one", **SLOW_REQUEST}).json()["id"]
+    queued = client.post("/generate", json={"prompt": "waits", **SLOW_REQUEST}).json()["id"]
     wait(client, running, until=lambda job: job["status"] == "running" and job["step"] >= 1)
 
     assert client.get(f"/jobs/{queued}").json()["status"] == "queued"
@@ -134,7 +132,7 @@ def test_cancel_running_and_queued_jobs(client):
 
 
 def test_video_of_an_unfinished_job_is_409(client):
-    job_id = client.post("/generate", json={"prompt": "slow", **SLOW}).json()["id"]
+    job_id = client.post("/generate", json={"prompt": "slow", **SLOW_REQUEST}).json()["id"]
     response = client.get(f"/jobs/{job_id}/video")
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "job_not_finished"
@@ -288,11 +286,11 @@ def test_a_key_sees_only_its_own_jobs(keyed):
 
 
 def test_queued_jobs_per_key_are_bounded_with_retry_after(keyed):
-    first = keyed.post("/generate", json={"prompt": "runs", **SLOW}, headers=bearer(BOB)).json()[
-        "id"
-    ]
+    first = keyed.post(
+        "/generate", json={"prompt": "runs", **SLOW_REQUEST}, headers=bearer(BOB)
+    ).json()["id"]
     wait(keyed, first, until=lambda job: job["status"] == "running", headers=bearer(BOB))
-    second = keyed.post("/generate", json={"prompt": "queued", **SLOW}, headers=bearer(BOB))
+    second = keyed.post("/generate", json={"prompt": "queued", **SLOW_REQUEST}, headers=bearer(BOB))
     assert second.status_code == 202
     third = keyed.post("/generate", json={"prompt": "too many"}, headers=bearer(BOB))
     assert third.status_code == 429

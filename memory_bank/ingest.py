@@ -23,7 +23,7 @@ from memory_bank.schemas import ClipRecord
 from memory_bank.store import NewClip
 from model.errors import InvalidClip
 from model.pipeline import MemoryWanPipeline
-from model.preprocess import ClipInfo, load_clip, probe_clip
+from model.preprocess import ClipInfo, load_memory_clip, probe_clip
 from model.presets import Preset
 
 logger = logging.getLogger(__name__)
@@ -158,9 +158,7 @@ class ClipIngestor:
         content_hash = file_sha256(path)
 
         try:
-            video = load_clip(
-                path, self.preset.memory_frames, self.preset.memory_height, self.preset.memory_width
-            )
+            video = load_memory_clip(path, self.preset)
         except InvalidClip as error:
             raise ClipRejected(str(error)) from None
         with torch.no_grad():
@@ -224,12 +222,7 @@ class ClipIngestor:
             if has_latent:
                 latent = store.read_latent(content_hash).unsqueeze(0)
             elif source_ext:
-                video = load_clip(
-                    store.source_path(content_hash, source_ext),
-                    self.preset.memory_frames,
-                    self.preset.memory_height,
-                    self.preset.memory_width,
-                )
+                video = load_memory_clip(store.source_path(content_hash, source_ext), self.preset)
                 latent = self.pipe.encode_clip_latents(video.unsqueeze(0))
             else:
                 outcome.unrecoverable.append(clip_id)

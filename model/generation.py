@@ -17,7 +17,7 @@ import torch
 
 from model.errors import InvalidRequest
 from model.pipeline import CancelCheck, MemoryWanPipeline, ProgressCallback
-from model.preprocess import load_clip
+from model.preprocess import load_memory_clip
 from model.presets import Preset
 from model.tokens import ClipTokens
 
@@ -114,12 +114,7 @@ def clip_tokens_from_files(
     pipe: MemoryWanPipeline, preset: Preset, paths: Sequence[str | Path]
 ) -> ClipTokens:
     """Decode, canonicalise and encode reference clips into their cached per-clip tokens."""
-    videos = torch.stack(
-        [
-            load_clip(p, preset.memory_frames, preset.memory_height, preset.memory_width)
-            for p in paths
-        ]
-    )
+    videos = torch.stack([load_memory_clip(p, preset) for p in paths])
     return pipe.resample_clips(videos)
 
 

@@ -25,6 +25,7 @@ from av.video.stream import VideoStream
 from PIL import Image
 
 from model.errors import InvalidClip
+from model.presets import Preset
 
 __all__ = ["ClipInfo", "load_clip", "probe_clip", "sample_frame_indices"]
 
@@ -252,3 +253,12 @@ def _duration_s(
     if container.duration is not None:
         return container.duration / av.time_base
     return num_frames / fps if fps > 0 else 0.0
+
+
+def load_memory_clip(path: PathLike, preset: Preset) -> torch.Tensor:
+    """A reference clip at the preset's memory geometry: ``(3, F, H, W)`` float32 in [-1, 1].
+
+    Ingest, generation with clip files and token recomputation all come through here, so a
+    clip is canonicalised one way for a given preset.
+    """
+    return load_clip(path, preset.memory_frames, preset.memory_height, preset.memory_width)

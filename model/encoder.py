@@ -373,6 +373,19 @@ class MemoryEncoder(ModelMixin, ConfigMixin):
         """Reference-compatible output ``(B, N*2*num_tokens, F)``, duplicates expanded."""
         return self.encode(latents).expand()
 
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters the forward never touches (the reference's unapplied ``.bn`` modules).
+
+        Training must freeze them: they get no gradient, which distributed data parallel
+        would otherwise wait for forever.
+        """
+        return [
+            p
+            for module in self.modules()
+            if isinstance(module, ConvFilterBlock)
+            for p in module.bn.parameters()
+        ]
+
     def reset_buffers(self) -> None:
         """Put every buffer back to its initial value, as a checkpoint without buffers expects.
 

@@ -232,7 +232,8 @@ def load_pipeline(
 ):
     """Build a ready :class:`~model.pipeline.MemoryWanPipeline` for a preset.
 
-    ``tiny`` builds seeded random components and reads nothing. ``wan2.1-t2v-1.3b`` reads the
+    ``tiny`` builds seeded random components and reads nothing; ``toy`` loads the trained toy
+    weights shipped in ``model/toy/weights``. ``wan2.1-t2v-1.3b`` reads the
     Wan2.1 Diffusers folder at ``wan_path`` (DiT and text encoder in bf16 on GPU, VAE in float32)
     and the DiT-Mem checkpoint at ``dit_mem_path``.
     """
@@ -246,8 +247,22 @@ def load_pipeline(
     preset = get_preset(preset_name)
     target = resolve_device(device)
     if preset.name == "tiny":
-        pipe = MemoryWanPipeline(**build_tiny_components(seed))
-        return pipe.to(target)
+        components = build_tiny_components(seed)
+        if dit_mem_path is not None:
+            # An encoder trained on the tiny backbone (a `ditmem train` output).
+            components["memory_encoder"] = load_memory_encoder(dit_mem_path).eval()
+        return MemoryWanPipeline(**components).to(target)
+    if preset.name == "toy":
+        from model.toy.components import TOY_ENCODER_CONFIG, build_toy_components
+
+        # wan_path: a toy weights folder (default: the shipped one); dit_mem_path: an encoder
+        # trained on top of it (a `ditmem train` output) instead of the shipped encoder.
+        components = build_toy_components(wan_path)
+        if dit_mem_path is not None:
+            components["memory_encoder"] = load_memory_encoder(
+                dit_mem_path, config=TOY_ENCODER_CONFIG
+            ).eval()
+        return MemoryWanPipeline(**components).to(target)
 
     if wan_path is None or dit_mem_path is None:
         raise WeightsNotFound(

@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,9 @@ class TrainConfig(BaseModel):
         "train", description="clips with this tag are targets (None: every clip)"
     )
     shuffle_memory: bool = Field(True, description="shuffle the memory clip order per sample")
+    memory_pool: int | None = Field(
+        None, ge=1, description="draw the k memory clips from this many nearest (None: k)"
+    )
     max_sequence_length: int | None = Field(
         None, description="caption tokens (default: the tokenizer's limit, at most 512)"
     )
@@ -112,15 +116,28 @@ def nearest_neighbours(vectors: np.ndarray, rows: np.ndarray, k: int) -> np.ndar
 
 
 class MemoryTrainingSet:
-    """Training items of a bank: target latent, the latents of its k nearest clips, caption.
+    """Training items of a bank: target latent, the latents of its memory clips, its prompt.
 
     Args:
         bank: A ``MemoryBank`` whose clips kept their latents.
         k: Memory clips per item; clamped to the number of clips minus one.
         train_tag: Clips with this tag are targets (``None``: all); memory comes from all clips.
+        pool: Draw each item's ``k`` memory clips at random from its ``pool`` caption-nearest
+            clips (``None``: always the ``k`` nearest). Widening the pool varies the memory a
+            target sees, e.g. across clips whose captions tie.
+        prompt_of: The prompt a target is conditioned on, from its record (default: the
+            caption). Retrieval always uses the caption.
     """
 
-    def __init__(self, bank: Any, k: int, train_tag: str | None = None) -> None:
+    def __init__(
+        self,
+        bank: Any,
+        k: int,
+        train_tag: str | None = None,
+        *,
+        pool: int | None = None,
+        prompt_of: Callable[[Any], str] | None = None,
+    ) -> None:
         store = bank.store
         ids, vectors = store.embeddings()
         if len(ids) < 2:
@@ -128,6 +145,7 @@ class MemoryTrainingSet:
         self.k = min(k, len(ids) - 1)
         if self.k < k:
             logger.warning("k=%d clamped to %d: the bank holds %d clips", k, self.k, len(ids))
+        self.pool = max(self.k, min(pool or self.k, len(ids) - 1))
         position = {int(clip_id): i for i, clip_id in enumerate(ids)}
         if train_tag is None:
             target_ids = [int(i) for i in ids]
@@ -146,20 +164,37 @@ class MemoryTrainingSet:
         self.latents = torch.stack(latents)  # (n, C, D, H, W) float32
         rows = np.array([position[i] for i in target_ids])
         self.targets = rows
-        self.neighbours = nearest_neighbours(vectors.astype(np.float32), rows, self.k)
+        self.neighbours = nearest_neighbours(vectors.astype(np.float32), rows, self.pool)
         records = {r.clip_id: r for r in store.get_many(self.clip_ids)}
         self.captions = [records[i].caption for i in self.clip_ids]
+        self.prompts = [
+            prompt_of(records[i]) if prompt_of else records[i].caption for i in self.clip_ids
+        ]
         self.target_ids = target_ids
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def memory_ids(self, item: int) -> list[int]:
+        """The item's candidate memory clips, nearest first (``pool`` of them)."""
         return [self.clip_ids[j] for j in self.neighbours[item]]
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        return self.sample(item, None)
+
+    def sample(
+        self, item: int, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Target latent, ``(k, C, D, H, W)`` memory latents and prompt of one item.
+
+        With a pool wider than ``k`` the memory clips are drawn with ``generator``.
+        """
         row = self.targets[item]
-        return self.latents[row], self.latents[self.neighbours[item]], self.captions[row]
+        chosen = self.neighbours[item]
+        if self.pool > self.k:
+            pick = torch.randperm(self.pool, generator=generator)[: self.k].sort().values
+            chosen = chosen[pick.numpy()]
+        return self.latents[row], self.latents[chosen], self.prompts[row]
 
 
 def _all_records(bank: Any, tag: str) -> list:
@@ -304,7 +339,13 @@ def _write_plot(path: Path, history: list[dict[str, float]]) -> None:
 # -- training --------------------------------------------------------------------------------------
 
 
-def train_encoder(pipe: Any, bank: Any, config: TrainConfig, resume: bool = False) -> TrainResult:
+def train_encoder(
+    pipe: Any,
+    bank: Any,
+    config: TrainConfig,
+    resume: bool = False,
+    prompt_of: Callable[[Any], str] | None = None,
+) -> TrainResult:
     """Train ``pipe.memory_encoder`` in place on ``bank``; the transformer stays frozen.
 
     Args:
@@ -313,6 +354,8 @@ def train_encoder(pipe: Any, bank: Any, config: TrainConfig, resume: bool = Fals
         config: Run settings.
         resume: Continue from the latest checkpoint in ``config.run_dir`` (exactly: weights,
             optimizer, scheduler, RNG states). Starts from scratch when there is none.
+        prompt_of: The prompt each target is conditioned on, from its clip record (default:
+            its caption); see :class:`MemoryTrainingSet`.
 
     Raises:
         BackboneGradientError: a transformer parameter received a gradient.
@@ -329,10 +372,15 @@ def train_encoder(pipe: Any, bank: Any, config: TrainConfig, resume: bool = Fals
     )
     device = accelerator.device
     rank = accelerator.process_index
+    logger.info("process %d of %d on %s", rank, accelerator.num_processes, accelerator.device)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    data = MemoryTrainingSet(bank, config.k, config.train_tag)
-    text_states = encode_captions(pipe, data.captions, config.max_sequence_length)
+    data = MemoryTrainingSet(
+        bank, config.k, config.train_tag, pool=config.memory_pool, prompt_of=prompt_of
+    )
+    unique_prompts = sorted(set(data.prompts))
+    unique_states = encode_captions(pipe, unique_prompts, config.max_sequence_length)
+    text_states = unique_states[[unique_prompts.index(p) for p in data.prompts]]
 
     transformer = pipe.transformer
     injector = pipe.memory_injector
@@ -352,9 +400,13 @@ def train_encoder(pipe: Any, bank: Any, config: TrainConfig, resume: bool = Fals
     if encoder.dtype != torch.float32:
         encoder.to(dtype=torch.float32)
     encoder.to(device).train()
+    for parameter in encoder.unused_parameters():
+        parameter.requires_grad_(False)
     module = _Encode(encoder)
     optimizer = torch.optim.AdamW(
-        encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        [p for p in encoder.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
     )
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -392,7 +444,7 @@ def train_encoder(pipe: Any, bank: Any, config: TrainConfig, resume: bool = Fals
         items = torch.randint(len(data), (config.batch_size,), generator=data_gen).tolist()
         targets, memories, texts = [], [], []
         for item in items:
-            target, memory, _ = data[item]
+            target, memory, _ = data.sample(item, data_gen)
             if config.shuffle_memory:
                 memory = memory[torch.randperm(data.k, generator=data_gen)]
             targets.append(target)

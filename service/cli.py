@@ -27,7 +27,7 @@ index_app = typer.Typer(help="Maintain the memory bank's indexes.", no_args_is_h
 app.add_typer(memory_app, name="memory")
 app.add_typer(index_app, name="index")
 
-PresetOption = Annotated[str | None, typer.Option(help="tiny or wan2.1-t2v-1.3b.")]
+PresetOption = Annotated[str | None, typer.Option(help="tiny, toy or wan2.1-t2v-1.3b.")]
 BankOption = Annotated[Path | None, typer.Option(help="Memory bank directory.")]
 
 
@@ -380,6 +380,104 @@ def train(
     typer.echo(f"final loss {result.final_loss:.5f}")
     typer.echo(f"official checkpoint: {result.official_path}")
     typer.echo(f"encoder folder: {result.encoder_dir}  (serve it: DITMEM_DIT_MEM_PATH=<folder>)")
+
+
+encoder_app = typer.Typer(help="Maintain the memory encoder.", no_args_is_help=True)
+app.add_typer(encoder_app, name="encoder")
+
+
+def _bank_latent_batches(store, batch_size: int) -> Iterator:
+    """Stored canonical latents of every clip that kept one, ``batch_size`` at a time."""
+    import torch
+
+    ids, _ = store.embeddings()
+    batch = []
+    for clip_id in ids.tolist():
+        content_hash, has_latent, _ = store.storage_of(int(clip_id))
+        if has_latent:
+            batch.append(store.read_latent(content_hash))
+        if len(batch) == batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
+
+
+@encoder_app.command("calibrate")
+def encoder_calibrate(
+    out: Annotated[Path, typer.Option(help="Folder for the calibrated encoder (all buffers).")],
+    batch_size: Annotated[int, typer.Option(min=1, help="Clip latents per forward.")] = 8,
+    bank: BankOption = None,
+    preset: PresetOption = None,
+) -> None:
+    """Recompute the encoder's BatchNorm statistics over the bank's latents and save it."""
+    from model.calibration import calibrate_batchnorm
+    from model.loading import save_memory_encoder
+    from service.runtime import load_pipeline_from, open_bank
+
+    with user_errors():
+        settings = _settings(bank_dir=bank, preset=preset)
+        pipe = load_pipeline_from(settings)
+        encoder = pipe.memory_encoder
+        with open_bank(settings) as opened:
+            report = calibrate_batchnorm(
+                encoder, lambda: _bank_latent_batches(opened.store, batch_size)
+            )
+        save_memory_encoder(encoder, out)
+    typer.echo(f"calibrated on {report.clips} clip latents; statistics vs the defaults (0, 1):")
+    typer.echo(report.table())
+    typer.echo(f"encoder folder: {out}  (serve it: DITMEM_DIT_MEM_PATH={out})")
+    typer.echo("cached bank tokens are recomputed for it when a worker starts")
+
+
+toy_app = typer.Typer(help="The toy world: train its models, measure the memory effect.")
+app.add_typer(toy_app, name="toy")
+
+
+@toy_app.command("train")
+def toy_train(
+    run_dir: Annotated[Path, typer.Option(help="Checkpoints, training bank, exported weights.")],
+    backbone_steps: Annotated[int, typer.Option(min=1)] = 10_000,
+    encoder_steps: Annotated[int, typer.Option(min=1)] = 2000,
+    seed: int = 0,
+) -> None:
+    """Train the toy backbone, then its memory encoder (frozen backbone); resumes by itself."""
+    from service.toy import ToyTrainConfig, train_toy
+
+    with user_errors():
+        config = ToyTrainConfig(
+            run_dir=run_dir, backbone_steps=backbone_steps, encoder_steps=encoder_steps, seed=seed
+        )
+        weights = train_toy(config, report=typer.echo)
+    typer.echo(f"copy {weights}/* into model/toy/weights/ to ship them with the toy preset")
+
+
+@toy_app.command("eval")
+def toy_eval(
+    samples: Annotated[int, typer.Option(min=4, help="Generated clips per condition.")] = 128,
+    k: Annotated[int, typer.Option(min=1, help="Memory clips per sample.")] = 3,
+    seed: int = 0,
+    weights: Annotated[
+        Path | None, typer.Option(help="Toy weights folder (default: the shipped one).")
+    ] = None,
+    strips: Annotated[Path | None, typer.Option(help="Write PNG frame strips here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+) -> None:
+    """Motion and colour accuracy without memory, with right- and with wrong-motion memory."""
+    from model.pipeline import MemoryWanPipeline
+    from model.toy.components import build_toy_components
+    from service.toy import ToyEvalConfig, run_toy_eval
+
+    with user_errors():
+        config = ToyEvalConfig(samples=samples, k=k, seed=seed)
+        pipe = MemoryWanPipeline(**build_toy_components(weights))
+        pipe.set_progress_bar_config(disable=True)
+        report = run_toy_eval(pipe, config, strip_dir=strips, report=typer.echo)
+    typer.echo(report.table())
+    typer.echo(f"memory gain: {report.memory_gain:+.1%} motion accuracy")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(report.to_json() + "\n")
 
 
 keys_app = typer.Typer(help="API keys for DITMEM_AUTH=keys.", no_args_is_help=True)

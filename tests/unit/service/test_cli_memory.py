@@ -98,3 +98,29 @@ def test_bad_input_is_a_one_line_error(runner, args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_encoder_calibrate_then_serve_the_calibrated_encoder(runner, videos, tmp_path, monkeypatch):
+    for name in ("red", "blue"):
+        added = invoke(runner, "memory", "add", str(videos / f"{name}.mp4"), "--caption", name)
+        assert added.exit_code == 0, added.output
+    out = tmp_path / "calibrated"
+    result = invoke(runner, "encoder", "calibrate", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "calibrated on 2 clip latents" in result.stdout
+    assert "high_pass_module.conv_block1.fft_filter.norm" in result.stdout
+
+    from model.loading import load_memory_encoder
+    from model.tiny import build_tiny_components
+
+    calibrated = load_memory_encoder(out)
+    default = build_tiny_components()["memory_encoder"]
+    norm = calibrated.high_pass_module.conv_block1.fft_filter.norm
+    assert int(norm.num_batches_tracked) == 2
+    assert calibrated.fingerprint() != default.fingerprint()
+
+    # Served through DITMEM_DIT_MEM_PATH, the bank's tokens are recomputed for it.
+    monkeypatch.setenv("DITMEM_DIT_MEM_PATH", str(out))
+    retoken = invoke(runner, "memory", "retoken")
+    assert retoken.exit_code == 0, retoken.output
+    assert "recomputed 2 clips" in retoken.stdout

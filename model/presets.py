@@ -43,6 +43,7 @@ class Preset:
         max_sequence_length: Prompt length in text-encoder tokens.
         spatial_multiple: Height and width must be multiples of this (VAE x patch size).
         frame_multiple: ``num_frames - 1`` must be a multiple of this (VAE temporal stride).
+        display_scale: Written videos are enlarged this many times (nearest neighbour).
     """
 
     name: str
@@ -60,6 +61,7 @@ class Preset:
     max_sequence_length: int = 512
     spatial_multiple: int = 16
     frame_multiple: int = 4
+    display_scale: int = 1
     bounds: dict[str, Bounds] = field(default_factory=dict)
 
     def check(
@@ -132,7 +134,33 @@ TINY = Preset(
     },
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (WAN21_T2V_1_3B, TINY)}
+# The toy world (model/toy): 8 frames of 16x16 pixels, denoised in pixel space (no VAE stride).
+TOY = Preset(
+    name="toy",
+    height=16,
+    width=16,
+    num_frames=8,
+    steps=16,
+    guidance_scale=3.0,
+    fps=4,
+    memory_frames=8,
+    memory_height=16,
+    memory_width=16,
+    flow_shift=2.0,
+    max_sequence_length=12,
+    spatial_multiple=4,
+    frame_multiple=1,
+    display_scale=8,
+    bounds={
+        "height": Bounds(16, 32),
+        "width": Bounds(16, 32),
+        "num_frames": Bounds(4, 16),
+        "steps": Bounds(1, 50),
+        "guidance_scale": Bounds(1.0, 20.0),
+    },
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (WAN21_T2V_1_3B, TINY, TOY)}
 
 
 def get_preset(name: str) -> Preset:

@@ -28,7 +28,14 @@ _X264_OPTIONS = {"crf": "18", "preset": "medium"}
 _MPEG4_QSCALE = 2
 
 
-def write_video(frames: torch.Tensor | np.ndarray, path: PathLike, fps: int = 16) -> Path:
+def write_video(
+    frames: torch.Tensor | np.ndarray,
+    path: PathLike,
+    fps: int = 16,
+    *,
+    lossless: bool = False,
+    scale: int = 1,
+) -> Path:
     """Encode frames as an H.264 (yuv420p) mp4, atomically.
 
     The video is encoded into a temporary file in the destination directory which then
@@ -47,6 +54,11 @@ def write_video(frames: torch.Tensor | np.ndarray, path: PathLike, fps: int = 16
             either float in ``[0, 1]`` (clamped, then scaled to 0..255 and rounded) or uint8.
         path: Destination file; an ``.mp4`` suffix is expected but not enforced.
         fps: Frame rate written to the file, at least 1.
+        lossless: Write FFV1 RGB in Matroska instead (use an ``.mkv`` path): exact pixels, no
+            chroma subsampling, for reference clips whose colours must survive (the toy world).
+        scale: Enlarge every frame this many times with nearest-neighbour sampling first, so
+            tiny videos (the toy preset's 16x16) are watchable and keep their colours through
+            chroma subsampling.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -57,7 +69,13 @@ def write_video(frames: torch.Tensor | np.ndarray, path: PathLike, fps: int = 16
     """
     if fps < 1:
         raise ValueError(f"fps must be >= 1, got {fps}")
-    pixels = _pad_to_even(_to_uint8(frames))
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    pixels = _to_uint8(frames)
+    if scale > 1:
+        pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
+    if not lossless:
+        pixels = _pad_to_even(pixels)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
 
@@ -65,7 +83,7 @@ def write_video(frames: torch.Tensor | np.ndarray, path: PathLike, fps: int = 16
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        _encode(pixels, tmp, fps)
+        (_encode_lossless if lossless else _encode)(pixels, tmp, fps)
         # mkstemp creates the file as 0600; a finished video should be readable like any other.
         tmp.chmod(0o644)
         os.replace(tmp, target)
@@ -150,6 +168,26 @@ def _encode(frames: np.ndarray, path: Path, fps: int) -> None:
             frame.pts, frame.time_base = index, time_base
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
+    _fsync(path)
+
+
+def _encode_lossless(frames: np.ndarray, path: Path, fps: int) -> None:
+    """FFV1 (exact RGB) in Matroska."""
+    _, height, width, _ = frames.shape
+    time_base = Fraction(1, fps)
+    with av.open(str(path), mode="w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "bgr0"
+        stream.codec_context.time_base = time_base
+        for index, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = index, time_base
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
     # Make the bytes durable before the rename publishes the file.
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())

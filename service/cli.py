@@ -129,7 +129,7 @@ def generate(
             typer.echo(f"step {step}/{total}", err=True)
 
         result = generate(pipe, chosen, params, clips, on_progress=report)
-    path = write_video(result.frames, out, fps=chosen.fps)
+    path = write_video(result.frames, out, fps=chosen.fps, scale=chosen.display_scale)
     record = result.record() | {
         "retrieved": [hit.model_dump() for hit in retrieved],
         "memory_files": [str(p) for p in memory or []],
@@ -309,22 +309,28 @@ def worker(
 
 @app.command()
 def demo(
-    prompt: Annotated[str, typer.Option(help="What the video shows.")] = "a red ball rolling right",
-    out: Annotated[Path, typer.Option(help="Where to write the mp4.")] = Path("outputs/demo.mp4"),
-    bank: Annotated[Path, typer.Option(help="Memory bank directory for the demo.")] = Path(
-        "outputs/demo-bank"
+    out: Annotated[Path, typer.Option(help="Folder for the videos and the strip.")] = Path(
+        "outputs/demo"
     ),
+    k: Annotated[int, typer.Option(min=1, max=8, help="Memory clips to retrieve.")] = 3,
+    seed: int = 0,
 ) -> None:
-    """Serve the embedded API, upload a reference clip, generate with it, save the video."""
+    """Toy world: retrieve clips of a falling ball, generate "a red ball" with and without them."""
+    import shutil
+
     from service.demo import run_demo
 
+    # A fresh bank each run: the demo seeds it and shows exactly what it seeded.
+    shutil.rmtree(out / "bank", ignore_errors=True)
     with user_errors():
         settings = _settings(
-            preset="tiny", redis_url=None, bank_dir=bank,
-            results_dir=out.parent / "demo-results", uploads_dir=out.parent / "demo-uploads",
+            preset="toy", redis_url=None, bank_dir=out / "bank",
+            results_dir=out / "results", uploads_dir=out / "uploads",
         )  # fmt: skip
-    path = run_demo(settings, prompt, out, report=lambda line: typer.echo(line, err=True))
-    typer.echo(str(path.resolve()))
+        result = run_demo(settings, out, report=lambda line: typer.echo(line, err=True), k=k)
+    typer.echo(f"with memory:    {result.with_memory.resolve()}")
+    typer.echo(f"without memory: {result.without_memory.resolve()}")
+    typer.echo(f"frame strip:    {result.strip.resolve()}")
 
 
 @app.command()
@@ -343,7 +349,10 @@ def doctor(preset: PresetOption = None) -> None:
         )
         typer.echo(f"{mark} {check.name:<20} {check.detail}")
     # No CUDA is only fatal for presets that need a GPU to be useful.
-    fatal = [c for c in checks if not c.ok and (c.name != "cuda" or settings.preset != "tiny")]
+    cpu_presets = ("tiny", "toy")
+    fatal = [
+        c for c in checks if not c.ok and (c.name != "cuda" or settings.preset not in cpu_presets)
+    ]
     raise typer.Exit(code=1 if fatal else 0)
 
 

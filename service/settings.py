@@ -21,7 +21,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DITMEM_", extra="ignore")
 
-    preset: Literal["tiny", "wan2.1-t2v-1.3b"] = "tiny"
+    preset: Literal["tiny", "toy", "wan2.1-t2v-1.3b"] = "tiny"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     wan_path: Path | None = Field(None, description="local Wan2.1-T2V-1.3B-Diffusers folder")
     dit_mem_path: Path | None = Field(None, description="local DiT-Mem-1.3B.safetensors")
@@ -85,7 +85,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _real_preset_needs_weights(self) -> Settings:
-        if self.preset != "tiny" and (self.wan_path is None or self.dit_mem_path is None):
+        missing = self.wan_path is None or self.dit_mem_path is None
+        if self.preset == "wan2.1-t2v-1.3b" and missing:
             raise ValueError(
                 f"preset {self.preset} needs DITMEM_WAN_PATH and DITMEM_DIT_MEM_PATH "
                 "(local weights; nothing is downloaded)"

@@ -168,7 +168,10 @@ class JobRunner:
             on_progress=on_progress, should_cancel=should_cancel,
         )  # fmt: skip
         video = write_video(
-            result.frames, self.results_dir / f"{job.job_id}.mp4", fps=self.preset.fps
+            result.frames,
+            self.results_dir / f"{job.job_id}.mp4",
+            fps=self.preset.fps,
+            scale=self.preset.display_scale,
         )
         record = result.record() | {
             "job_id": job.job_id,

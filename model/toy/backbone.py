@@ -1,0 +1,244 @@
+"""Training the toy world's Wan transformer from scratch with rectified flow.
+
+This is the one place the backbone learns; afterwards it is frozen and only the memory encoder
+trains (:mod:`model.training`), as with the real Wan2.1 weights.
+
+For the memory to have something to steer, the backbone must already know the motions as
+concepts: about half of the training captions name the motion ("a red ball falling"), the rest
+only colour and object ("a red ball"), and a few are empty so classifier-free guidance works.
+Evaluation uses motion-free prompts only.
+
+Run directory::
+
+    checkpoints/step-000500/state.pt   model, EMA, optimizer, scheduler, step, RNG, loss history
+    transformer.safetensors            EMA weights (what the toy preset loads)
+    text_encoder.safetensors           the frozen random text encoder, float16
+    loss.csv
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from model.toy.components import (
+    MAX_SEQUENCE_LENGTH,
+    TEXT_ENCODER_FILE,
+    TRANSFORMER_FILE,
+    PixelSpaceVAE,
+    new_memory_encoder,
+    new_text_encoder,
+    new_transformer,
+    toy_scheduler,
+)
+from model.toy.world import COLOURS, MOTIONS, prompt_for, render, sample_spec
+
+logger = logging.getLogger(__name__)
+
+
+class BackboneTrainConfig(BaseModel):
+    run_dir: Path
+    steps: int = Field(8000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    motion_caption_rate: float = Field(0.5, ge=0, le=1)
+    empty_caption_rate: float = Field(0.1, ge=0, le=1)
+    seed: int = 0
+    checkpoint_every: int = Field(250, ge=1)
+    progress: bool = True
+
+
+def all_captions() -> list[str]:
+    """Every caption the backbone trains on: empty, colour only, colour + motion."""
+    captions = [""]
+    for colour in COLOURS:
+        captions.append(prompt_for(colour))
+        captions.extend(prompt_for(colour, motion) for motion in MOTIONS)
+    return captions
+
+
+def pixels_to_latents(videos: torch.Tensor, vae: PixelSpaceVAE) -> torch.Tensor:
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    return (videos - mean) / std
+
+
+def _text_encoder_fp16_exact(text_encoder: torch.nn.Module) -> None:
+    """Round the weights through float16 so the shipped float16 file reproduces them exactly."""
+    with torch.no_grad():
+        for p in text_encoder.parameters():
+            p.copy_(p.half().float())
+
+
+@torch.no_grad()
+def caption_states(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Text states of :func:`all_captions` exactly as the pipeline computes them."""
+    from model.pipeline import MemoryWanPipeline
+    from model.tiny import offline_tokenizer
+    from model.training import encode_captions
+
+    tokenizer = offline_tokenizer()
+    tokenizer.model_max_length = MAX_SEQUENCE_LENGTH
+    pipe = MemoryWanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        vae=PixelSpaceVAE(),
+        scheduler=toy_scheduler(),
+        transformer=new_transformer(),
+        memory_encoder=new_memory_encoder(),
+    )
+    captions = all_captions()
+    states = encode_captions(pipe, captions, MAX_SEQUENCE_LENGTH)
+    return dict(zip(captions, states, strict=True))
+
+
+def _latest(run_dir: Path) -> Path | None:
+    folder = run_dir / "checkpoints"
+    found = sorted(folder.glob("step-[0-9]*")) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def _save_atomic(state: dict, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / "state.pt")
+    os.replace(tmp, folder)
+
+
+def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["step", "loss", "lr", "seconds"])
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
+    """Train (or continue training) the toy transformer; returns the exported weights file."""
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_flush_denormal(True)  # denormals slow CPU training several-fold
+
+    text_encoder = new_text_encoder(config.seed)
+    _text_encoder_fp16_exact(text_encoder)
+    save_file(
+        {k: v.half().contiguous() for k, v in text_encoder.state_dict().items()},
+        run_dir / TEXT_ENCODER_FILE,
+    )
+    states = caption_states(text_encoder)
+    vae = PixelSpaceVAE()
+
+    model = new_transformer(config.seed).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    warmup = max(1, config.warmup_steps)
+
+    def lr_factor(step: int) -> float:
+        # Linear warm-up, then cosine decay to 10%.
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, config.steps - warmup)
+        return 0.1 + 0.45 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    data_gen = torch.Generator().manual_seed(config.seed * 1000 + 1)
+    noise_gen = torch.Generator().manual_seed(config.seed * 1000 + 2)
+    start, history = 0, []
+    checkpoint = _latest(run_dir) if resume else None
+    if checkpoint is not None:
+        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        data_gen.set_state(state["rng"]["data"])
+        noise_gen.set_state(state["rng"]["noise"])
+        start, history = state["step"], state["history"]
+        logger.info("resumed from %s", checkpoint)
+
+    colour_only = {c: prompt_for(c) for c in COLOURS}
+    started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        desc="train toy backbone",
+        disable=not config.progress,
+    )
+    for step in range(start, config.steps):
+        specs = [sample_spec(data_gen) for _ in range(config.batch_size)]
+        draws = torch.rand(config.batch_size, generator=data_gen).tolist()
+        captions = [
+            ""
+            if u < config.empty_caption_rate
+            else spec.caption
+            if u < config.empty_caption_rate + config.motion_caption_rate
+            else colour_only[spec.colour]
+            for spec, u in zip(specs, draws, strict=True)
+        ]
+        x0 = pixels_to_latents(render(specs), vae)
+        t = torch.rand(config.batch_size, generator=noise_gen)
+        noise = torch.randn(x0.shape, generator=noise_gen)
+        tt = t.view(-1, 1, 1, 1, 1)
+        x_t = (1 - tt) * x0 + tt * noise
+        prediction = model(
+            hidden_states=x_t,
+            timestep=t * 1000,
+            encoder_hidden_states=torch.stack([states[c] for c in captions]),
+            return_dict=False,
+        )[0]
+        loss = F.mse_loss(prediction, noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        with torch.no_grad():
+            decay = min(config.ema_decay, (step + 1) / (step + 10))
+            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
+        done = step + 1
+        history.append(
+            dict(step=done, loss=loss.item(), lr=lr, seconds=time.perf_counter() - started)
+        )
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            state = dict(
+                step=done,
+                history=history,
+                model=model.state_dict(),
+                ema=ema.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                rng=dict(data=data_gen.get_state(), noise=noise_gen.get_state()),
+                config=config.model_dump(mode="json"),
+            )
+            _save_atomic(state, run_dir / "checkpoints" / f"step-{done:06d}")
+            export_transformer(ema, run_dir / TRANSFORMER_FILE)
+            _write_csv(run_dir / "loss.csv", history)
+            for old in sorted((run_dir / "checkpoints").glob("step-[0-9]*"))[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+    bar.close()
+    return run_dir / TRANSFORMER_FILE
+
+
+def export_transformer(model: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)

@@ -104,11 +104,20 @@ def validate_clip(path: Path, caption: str, limits: IngestLimits) -> ClipInfo:
     return info
 
 
-def poster_jpeg(path: Path, max_side: int = 320) -> bytes:
-    """A JPEG of the clip's middle keyframe, at most ``max_side`` pixels wide or high."""
+def poster_jpeg(path: Path, max_side: int = 320, min_side: int = 128) -> bytes:
+    """A JPEG of the clip's middle keyframe, at most ``max_side`` pixels wide or high.
+
+    Clips smaller than ``min_side`` (the toy world's 16x16) are enlarged by a whole factor with
+    nearest-neighbour sampling, so their pixels stay sharp in the gallery.
+    """
     from memory_bank.visual import read_keyframes
 
     frame = Image.fromarray(read_keyframes(path, 3)[1])
+    factor = min_side // max(frame.size)
+    if factor > 1:
+        frame = frame.resize(
+            (frame.width * factor, frame.height * factor), Image.Resampling.NEAREST
+        )
     frame.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
     frame.save(buffer, format="JPEG", quality=85)

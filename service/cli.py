@@ -328,9 +328,9 @@ def demo(
             results_dir=out / "results", uploads_dir=out / "uploads",
         )  # fmt: skip
         result = run_demo(settings, out, report=lambda line: typer.echo(line, err=True), k=k)
-    typer.echo(f"with memory:    {result.with_memory.resolve()}")
-    typer.echo(f"without memory: {result.without_memory.resolve()}")
-    typer.echo(f"frame strip:    {result.strip.resolve()}")
+    for path in result.with_memory + result.without_memory:
+        typer.echo(str(path.resolve()))
+    typer.echo(f"frame strip: {result.strip.resolve()}")
 
 
 @app.command()
@@ -446,7 +446,7 @@ app.add_typer(toy_app, name="toy")
 @toy_app.command("train")
 def toy_train(
     run_dir: Annotated[Path, typer.Option(help="Checkpoints, training bank, exported weights.")],
-    backbone_steps: Annotated[int, typer.Option(min=1)] = 10_000,
+    backbone_steps: Annotated[int, typer.Option(min=1)] = 6000,
     encoder_steps: Annotated[int, typer.Option(min=1)] = 2000,
     seed: int = 0,
 ) -> None:

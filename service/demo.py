@@ -3,8 +3,8 @@
 On the ``toy`` preset (trained weights shipped with the package, CPU only) it starts the API in
 embedded mode, seeds a memory bank with toy clips whose captions name their motion ("a blue ball
 falling"), retrieves k clips for "a ball falling", and generates "a red ball" (a prompt that does
-not say how the ball moves) once with that memory and once without. It writes both mp4s and one
-PNG strip: the memory clips, the video made with them, the video made without.
+not say how the ball moves) with that memory and without, for a few seeds. It writes the mp4s and
+one PNG strip: the memory clips, the videos made with them, the videos made without.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ PROMPT = "a red ball"
 
 @dataclass
 class DemoResult:
-    with_memory: Path
-    without_memory: Path
+    with_memory: list[Path]
+    without_memory: list[Path]
     strip: Path
     memory_captions: list[str]
-    motion_with_memory: str | None
-    motion_without_memory: str | None
+    motions_with_memory: list[str | None]
+    motions_without_memory: list[str | None]
 
 
 def _wait_job(client: httpx.Client, job_id: str, report: Callable[[str], None] | None) -> dict:
@@ -106,6 +106,7 @@ def run_demo(
     per_combo: int = 2,
     k: int = 3,
     seed: int = 0,
+    samples: int = 4,
 ) -> DemoResult:
     """Serve, seed the bank, retrieve, generate with and without memory, download, draw."""
     out_dir = Path(out_dir)
@@ -119,26 +120,34 @@ def run_demo(
             for hit in memory:
                 report(f"memory clip {hit['clip_id']} ({hit['score']:.3f}): {hit['caption']}")
             ids = [hit["clip_id"] for hit in memory]
-            with_path, without_path = out_dir / "with-memory.mp4", out_dir / "without-memory.mp4"
-            body = {"prompt": PROMPT, "seed": seed}
-            _generate(client, body | {"memory": {"clip_ids": ids}}, with_path, report)
-            _generate(client, body | {"memory": {"k": 0}}, without_path, report)
+            with_paths, without_paths = [], []
+            # The same seeds with and without memory: each pair differs only by the memory.
+            for s in range(seed, seed + samples):
+                body = {"prompt": PROMPT, "seed": s}
+                with_paths.append(out_dir / f"with-memory-{s}.mp4")
+                without_paths.append(out_dir / f"without-memory-{s}.mp4")
+                _generate(client, body | {"memory": {"clip_ids": ids}}, with_paths[-1], report)
+                _generate(client, body | {"memory": {"k": 0}}, without_paths[-1], report)
 
-    with_video = _model_pixels(with_path, TOY.display_scale)
-    without_video = _model_pixels(without_path, TOY.display_scale)
+    with_videos = [_model_pixels(p, TOY.display_scale) for p in with_paths]
+    without_videos = [_model_pixels(p, TOY.display_scale) for p in without_paths]
     rows = [(f"memory: {specs[i].caption}", render_one(specs[i])) for i in ids]
-    rows += [(f"'{PROMPT}' with memory", with_video), (f"'{PROMPT}' without", without_video)]
+    rows += [(f"'{PROMPT}' + memory, seed {seed + n}", v) for n, v in enumerate(with_videos)]
+    rows += [(f"'{PROMPT}', seed {seed + n}", v) for n, v in enumerate(without_videos)]
     strip = frame_strip(rows, out_dir / "demo-strip.png", scale=6)
     result = DemoResult(
-        with_memory=with_path,
-        without_memory=without_path,
+        with_memory=with_paths,
+        without_memory=without_paths,
         strip=strip,
         memory_captions=[hit["caption"] for hit in memory],
-        motion_with_memory=read(with_video).motion,
-        motion_without_memory=read(without_video).motion,
+        motions_with_memory=[read(v).motion for v in with_videos],
+        motions_without_memory=[read(v).motion for v in without_videos],
     )
-    report(
-        f"the ball reads as {result.motion_with_memory or 'no clear motion'} with memory, "
-        f"{result.motion_without_memory or 'no clear motion'} without"
-    )
+
+    def tally(motions: list[str | None]) -> str:
+        target = "falling"
+        return f"{sum(m == target for m in motions)}/{len(motions)} falling ({motions})"
+
+    report(f"with memory: {tally(result.motions_with_memory)}")
+    report(f"without:     {tally(result.motions_without_memory)}")
     return result

@@ -188,8 +188,9 @@ def run_toy_eval(
     with toy_bank(pipe) as (bank, ingestor):
         seeded = seed_toy_bank(ingestor, config.bank_per_combo, seed=config.seed + 1)
         ids_by_motion: dict[str, list[int]] = {m: [] for m in MOTIONS}
-        for clip in seeded:
-            ids_by_motion[clip.spec.motion].append(clip.clip_id)
+        for clip in seeded:  # identical renders are one bank clip
+            if clip.clip_id not in ids_by_motion[clip.spec.motion]:
+                ids_by_motion[clip.spec.motion].append(clip.clip_id)
         version = ingestor.encoder_version
         right_ids = [_pick(ids_by_motion, m, config.k, rng) for _, m in targets]
         wrong_ids = [_pick(ids_by_motion, m, config.k, rng) for m in wrong]
@@ -257,14 +258,16 @@ class ToyTrainConfig(BaseModel):
 
     run_dir: Path
     seed: int = 0
-    backbone_steps: int = Field(10_000, ge=1)
+    backbone_steps: int = Field(6000, ge=1)
     backbone_batch_size: int = Field(32, ge=1)
     backbone_lr: float = Field(5e-4, gt=0)
     encoder_steps: int = Field(2000, ge=1)
     encoder_batch_size: int = Field(32, ge=1)
     encoder_lr: float = Field(5e-4, gt=0)
     k: int = Field(3, ge=1)
-    bank_per_combo: int = Field(48, ge=2, description="training clips per colour x motion")
+    bank_per_combo: int = Field(
+        24, ge=2, description="clips drawn per colour x motion (identical draws are one clip)"
+    )
     t_min: float = Field(0.3, ge=0, le=1)
     t_max: float = Field(1.0, ge=0, le=1)
     progress: bool = True
@@ -307,10 +310,9 @@ def train_toy(config: ToyTrainConfig, report: Report = logger.info) -> Path:
     pipe = MemoryWanPipeline(**build_toy_components(backbone_dir, memory_encoder=False))
     pipe.set_progress_bar_config(disable=True)
 
-    per_motion = config.bank_per_combo * len(COLOURS)
     with toy_bank(pipe, run_dir / "bank") as (bank, ingestor):
-        if len(bank) < per_motion * len(MOTIONS):
-            report(f"seeding the training bank: {per_motion * len(MOTIONS)} clips")
+        if len(bank) == 0:
+            report(f"seeding the training bank: {config.bank_per_combo} draws per combination")
             # Captions without colour: every clip of a motion ties for retrieval, so a target's
             # memory pool spans all colours and the encoder learns to carry motion, not colour.
             seed_toy_bank(
@@ -321,6 +323,8 @@ def train_toy(config: ToyTrainConfig, report: Report = logger.info) -> Path:
                 extra_tags=("train",),
                 report=report,
             )
+        # Every clip of a motion ties for retrieval (same caption); the pool is all of them.
+        per_motion = min(bank.list(tag=motion_tag(m), limit=1).total for m in MOTIONS)
         encoder_config = TrainConfig(
             run_dir=run_dir / "encoder",
             steps=config.encoder_steps,

@@ -8,8 +8,8 @@ from service.settings import Settings
 
 
 def embedded_settings(root: Path, **overrides) -> Settings:
+    overrides.setdefault("preset", "tiny")
     return Settings(
-        preset="tiny",
         redis_url=None,
         bank_dir=root / "bank",
         results_dir=root / "results",

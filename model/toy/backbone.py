@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import logging
 import os
 import shutil
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from model.toy.components import (
     MAX_SEQUENCE_LENGTH,
     TEXT_ENCODER_FILE,
+    TRANSFORMER_CONFIG_FILE,
     TRANSFORMER_FILE,
     PixelSpaceVAE,
     new_memory_encoder,
@@ -49,13 +51,19 @@ logger = logging.getLogger(__name__)
 
 class BackboneTrainConfig(BaseModel):
     run_dir: Path
-    steps: int = Field(8000, ge=1)
+    steps: int = Field(6000, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(200, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     motion_caption_rate: float = Field(0.5, ge=0, le=1)
     empty_caption_rate: float = Field(0.1, ge=0, le=1)
+    timestep_shift: float = Field(
+        3.0, gt=0, description="train on t' = s t / (1 + (s - 1) t): s > 1 favours high noise"
+    )
+    dit_config: dict = Field(
+        default_factory=dict, description="overrides of the toy transformer configuration"
+    )
     seed: int = 0
     checkpoint_every: int = Field(250, ge=1)
     progress: bool = True
@@ -143,7 +151,7 @@ def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
     states = caption_states(text_encoder)
     vae = PixelSpaceVAE()
 
-    model = new_transformer(config.seed).train()
+    model = new_transformer(config.seed, **config.dit_config).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     warmup = max(1, config.warmup_steps)
@@ -192,6 +200,8 @@ def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
         ]
         x0 = pixels_to_latents(render(specs), vae)
         t = torch.rand(config.batch_size, generator=noise_gen)
+        s = config.timestep_shift
+        t = s * t / (1 + (s - 1) * t)
         noise = torch.randn(x0.shape, generator=noise_gen)
         tt = t.view(-1, 1, 1, 1, 1)
         x_t = (1 - tt) * x0 + tt * noise
@@ -239,6 +249,9 @@ def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
 
 
 def export_transformer(model: torch.nn.Module, path: Path) -> None:
+    """Weights to ``path`` and the architecture next to it (``transformer_config.json``)."""
+    config = path.parent / TRANSFORMER_CONFIG_FILE
+    config.write_text(json.dumps(dict(model.config), indent=2, default=list) + "\n")
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, path)

@@ -11,6 +11,7 @@ Shipped weights live in ``model/toy/weights/`` (see its ``README.md`` for how th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,17 @@ from model.toy.world import FRAMES, SIZE
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TRANSFORMER_FILE = "transformer.safetensors"
+TRANSFORMER_CONFIG_FILE = "transformer_config.json"
 TEXT_ENCODER_FILE = "text_encoder.safetensors"
 ENCODER_DIR = "memory_encoder"
 
 MAX_SEQUENCE_LENGTH = 12
 
+# A token holds all 8 frames of a 2x2 pixel patch: where the ball is in each frame is then
+# plain channel layout, so the transformer renders a motion as one coherent whole. With one
+# token per frame (patch (1, 4, 4)) it learned the ball's look quickly but not its dynamics.
 TOY_DIT_CONFIG: dict[str, Any] = dict(
-    patch_size=(1, 4, 4),
+    patch_size=(FRAMES, 2, 2),
     num_attention_heads=4,
     attention_head_dim=32,
     in_channels=3,
@@ -79,8 +84,10 @@ TOY_ENCODER_CONFIG: dict[str, Any] = dict(
 class PixelSpaceVAE(ModelMixin, ConfigMixin):
     """Identity autoencoder with the ``AutoencoderKLWan`` interface (no compression).
 
-    Latents are the pixels shifted so that the black background is 0:
-    ``latent = (pixel - latents_mean) / latents_std``, as the pipeline expects to undo.
+    Latents are the pixels shifted so that the black background is 0 and scaled so that the
+    ball stands out of the noise (a lit channel is 4): ``latent = (pixel - latents_mean) /
+    latents_std``, as the pipeline expects to undo. The ball covers a few percent of the
+    pixels, so at the unit scale the high-noise steps, where motion is decided, barely saw it.
     """
 
     @register_to_config
@@ -88,7 +95,7 @@ class PixelSpaceVAE(ModelMixin, ConfigMixin):
         self,
         z_dim: int = 3,
         latents_mean: tuple[float, ...] = (-1.0, -1.0, -1.0),
-        latents_std: tuple[float, ...] = (1.0, 1.0, 1.0),
+        latents_std: tuple[float, ...] = (0.5, 0.5, 0.5),
         scale_factor_temporal: int = 1,
         scale_factor_spatial: int = 1,
     ) -> None:
@@ -118,10 +125,23 @@ def toy_scheduler() -> UniPCMultistepScheduler:
     )
 
 
-def new_transformer(seed: int = 0) -> WanTransformer3DModel:
+def new_transformer(seed: int = 0, **overrides: Any) -> WanTransformer3DModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return WanTransformer3DModel(**TOY_DIT_CONFIG)
+        return WanTransformer3DModel(**(TOY_DIT_CONFIG | overrides))
+
+
+def _transformer_config(folder: Path) -> dict[str, Any]:
+    """The architecture recorded with the weights (defaults for anything not recorded)."""
+    path = folder / TRANSFORMER_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    recorded = json.loads(path.read_text())
+    return {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in recorded.items()
+        if k in TOY_DIT_CONFIG
+    }
 
 
 def new_text_encoder(seed: int = 0) -> UMT5EncoderModel:
@@ -132,10 +152,10 @@ def new_text_encoder(seed: int = 0) -> UMT5EncoderModel:
         )
 
 
-def new_memory_encoder(seed: int = 0) -> MemoryEncoder:
+def new_memory_encoder(seed: int = 0, **overrides: Any) -> MemoryEncoder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MemoryEncoder(**TOY_ENCODER_CONFIG, filter_seed=seed)
+        return MemoryEncoder(**(TOY_ENCODER_CONFIG | overrides), filter_seed=seed)
 
 
 def _load_into(module: torch.nn.Module, path: Path) -> None:
@@ -159,11 +179,16 @@ def build_toy_components(
     from model.loading import load_memory_encoder
 
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    transformer = new_transformer()
+    transformer = new_transformer(**_transformer_config(folder))
     _load_into(transformer, folder / TRANSFORMER_FILE)
     text_encoder = new_text_encoder()
     _load_into(text_encoder, folder / TEXT_ENCODER_FILE)
-    encoder = load_memory_encoder(folder / ENCODER_DIR) if memory_encoder else new_memory_encoder()
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    encoder = (
+        load_memory_encoder(folder / ENCODER_DIR)
+        if memory_encoder
+        else new_memory_encoder(token_dim=width)
+    )
     tokenizer = offline_tokenizer()
     tokenizer.model_max_length = MAX_SEQUENCE_LENGTH
     return dict(

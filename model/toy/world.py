@@ -17,7 +17,7 @@ import torch
 
 FRAMES = 8
 SIZE = 16
-RADIUS = 2.0
+RADIUS = 2.5
 # The ball's centre stays inside [MARGIN, SIZE - 1 - MARGIN] so it never leaves the frame.
 MARGIN = RADIUS
 FLOOR = SIZE - 1 - MARGIN
@@ -55,36 +55,31 @@ def prompt_for(colour: str | None = None, motion: str | None = None) -> str:
     return " ".join(words)
 
 
-def _uniform(low: float, high: float, generator: torch.Generator) -> float:
-    return low + (high - low) * torch.rand((), generator=generator).item()
+# Each motion has a few start positions across its path and one speed. The world stays random
+# (which track, which colour) but small enough that a transformer trained for minutes on a CPU
+# renders every track as one coherent motion; with continuous positions and speeds it learned
+# the ball's look long before its dynamics.
+LANES: tuple[float, ...] = (3.5, 6.5, 9.5, 12.5)
 
 
-def trajectory(motion: str, generator: torch.Generator) -> list[tuple[float, float]]:
-    """Ball centres for ``FRAMES`` frames of ``motion`` with a random start and speed."""
+def trajectory(motion: str, lane: float) -> list[tuple[float, float]]:
+    """Ball centres for ``FRAMES`` frames of ``motion``; ``lane`` is the coordinate across it."""
     low, high = MARGIN, SIZE - 1 - MARGIN
     span = FRAMES - 1
     if motion in ("moving left", "moving right"):
-        travel = _uniform(6.0, high - low, generator)
-        start = _uniform(low, high - travel, generator)
-        y = _uniform(low, high, generator)
-        xs = [start + travel * f / span for f in range(FRAMES)]
+        xs = [low + (high - low) * f / span for f in range(FRAMES)]
         if motion == "moving left":
-            xs = [low + high - x for x in xs]
-        return [(x, y) for x in xs]
-    x = _uniform(low, high, generator)
+            xs = xs[::-1]
+        return [(x, lane) for x in xs]
     if motion == "falling":
         # From rest under constant gravity: y = y0 + g f^2 / 2.
-        y0 = _uniform(low, low + 3.0, generator)
-        drop = _uniform(6.0, FLOOR - y0, generator)
-        return [(x, y0 + drop * (f / span) ** 2) for f in range(FRAMES)]
+        return [(lane, low + (FLOOR - low) * (f / span) ** 2) for f in range(FRAMES)]
     if motion == "bouncing":
-        # |sin| arcs on the floor; the first floor contact lies early enough that the rise after
-        # it is visible, which is what tells a bounce from a fall.
-        height = _uniform(5.0, 8.0, generator)
-        period = _uniform(4.0, 6.0, generator)
-        contact = _uniform(1.5, 4.5, generator)
+        # |sin| arcs on the floor with a contact at frame 3, so the rise after it is visible:
+        # that is what tells a bounce from a fall.
+        height, period, contact = 7.0, 5.0, 3.0
         return [
-            (x, FLOOR - height * abs(math.sin(math.pi * (f - contact) / period)))
+            (lane, FLOOR - height * abs(math.sin(math.pi * (f - contact) / period)))
             for f in range(FRAMES)
         ]
     raise ValueError(f"unknown motion {motion!r}; choose one of {MOTIONS}")
@@ -99,7 +94,8 @@ def sample_spec(
         colour = names[torch.randint(len(names), (), generator=generator).item()]
     if motion is None:
         motion = MOTIONS[torch.randint(len(MOTIONS), (), generator=generator).item()]
-    return ClipSpec(colour, motion, tuple(trajectory(motion, generator)))
+    lane = LANES[torch.randint(len(LANES), (), generator=generator).item()]
+    return ClipSpec(colour, motion, tuple(trajectory(motion, lane)))
 
 
 def render(specs: list[ClipSpec]) -> torch.Tensor:

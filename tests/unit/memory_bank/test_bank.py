@@ -50,7 +50,8 @@ def test_ingest_stores_record_tokens_latent_and_index_entry(bank, ingestor, clip
     from PIL import Image
 
     with Image.open(bank.store.poster_path(record.content_hash)) as poster:
-        assert poster.format == "JPEG" and poster.size == (48, 48)
+        # A 48x48 clip is enlarged by a whole factor (2) so small clips stay visible.
+        assert poster.format == "JPEG" and poster.size == (96, 96)
 
 
 def test_search_ranks_by_caption_and_respects_exclusions_and_min_score(bank, ingestor, clips):

@@ -38,9 +38,11 @@ def test_pixel_space_vae_latents_are_the_pixels_with_black_at_zero() -> None:
     generator = torch.Generator().manual_seed(0)
     videos = render([sample_spec(generator) for _ in range(3)])
     latents = pipe.encode_clip_latents(videos)
-    torch.testing.assert_close(latents, videos + 1.0)
+    std = pipe.vae.config.latents_std[0]
+    torch.testing.assert_close(latents, (videos + 1.0) / std)
     assert latents.shape[1:] == pipe.memory_encoder.latent_shape
-    decoded = pipe.vae.decode(latents - 1.0, return_dict=False)[0]
+    assert latents.min() == 0.0  # the black background
+    decoded = pipe.vae.decode(latents * std - 1.0, return_dict=False)[0]
     torch.testing.assert_close(decoded, videos)
 
 

@@ -289,6 +289,7 @@ def train_toy(config: ToyTrainConfig, report: Report = logger.info) -> Path:
     from model.toy.components import (
         ENCODER_DIR,
         TEXT_ENCODER_FILE,
+        TRANSFORMER_CONFIG_FILE,
         TRANSFORMER_FILE,
         build_toy_components,
     )
@@ -345,7 +346,7 @@ def train_toy(config: ToyTrainConfig, report: Report = logger.info) -> Path:
 
     weights = run_dir / "weights"
     weights.mkdir(parents=True, exist_ok=True)
-    for name in (TRANSFORMER_FILE, TEXT_ENCODER_FILE):
+    for name in (TRANSFORMER_FILE, TRANSFORMER_CONFIG_FILE, TEXT_ENCODER_FILE):
         shutil.copy2(backbone_dir / name, weights / name)
     save_memory_encoder(pipe.memory_encoder, weights / ENCODER_DIR)
     (weights / "training.json").write_text(config.model_dump_json(indent=2) + "\n")

@@ -224,6 +224,13 @@ def encode_captions(pipe: Any, captions: list[str], max_length: int | None) -> t
     return torch.cat(states)
 
 
+def encode_prompts(pipe: Any, prompts: list[str], max_length: int | None) -> torch.Tensor:
+    """Text states of ``prompts`` in order, each distinct prompt encoded once."""
+    unique = sorted(set(prompts))
+    states = encode_captions(pipe, unique, max_length)
+    return states[[unique.index(p) for p in prompts]]
+
+
 # -- model pieces ----------------------------------------------------------------------------------
 
 
@@ -378,9 +385,7 @@ def train_encoder(
     data = MemoryTrainingSet(
         bank, config.k, config.train_tag, pool=config.memory_pool, prompt_of=prompt_of
     )
-    unique_prompts = sorted(set(data.prompts))
-    unique_states = encode_captions(pipe, unique_prompts, config.max_sequence_length)
-    text_states = unique_states[[unique_prompts.index(p) for p in data.prompts]]
+    text_states = encode_prompts(pipe, data.prompts, config.max_sequence_length)
 
     transformer = pipe.transformer
     injector = pipe.memory_injector

@@ -163,11 +163,7 @@ def _encode(frames: np.ndarray, path: Path, fps: int) -> None:
         if codec != "libx264":
             stream.codec_context.qscale = True
             stream.codec_context.global_quality = _MPEG4_QSCALE
-        for index, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts, frame.time_base = index, time_base
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+        _mux_frames(container, stream, frames, time_base)
     _fsync(path)
 
 
@@ -179,12 +175,17 @@ def _encode_lossless(frames: np.ndarray, path: Path, fps: int) -> None:
         stream = container.add_stream("ffv1", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "bgr0"
         stream.codec_context.time_base = time_base
-        for index, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts, frame.time_base = index, time_base
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+        _mux_frames(container, stream, frames, time_base)
     _fsync(path)
+
+
+def _mux_frames(container, stream, frames: np.ndarray, time_base: Fraction) -> None:
+    """Encode RGB frames one per time-base tick, then flush the encoder."""
+    for index, rgb in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts, frame.time_base = index, time_base
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
 
 
 def _fsync(path: Path) -> None:

@@ -9,7 +9,6 @@ one PNG strip: the memory clips, the videos made with them, the videos made with
 
 from __future__ import annotations
 
-import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,11 +21,12 @@ import torch
 from model.presets import TOY
 from model.toy.classify import read
 from model.toy.strips import frame_strip
-from model.toy.world import COLOURS, MOTIONS, ClipSpec, render_one, sample_spec
-from model.video_io import read_video, write_video
+from model.toy.world import ClipSpec, render_one
+from model.video_io import read_video
 from service.app import create_app
 from service.local_server import running_server
 from service.settings import Settings
+from service.toy import bank_specs, write_toy_clip
 
 QUERY = "a ball falling"
 PROMPT = "a red ball"
@@ -61,19 +61,14 @@ def _seed_bank(
     client: httpx.Client, scratch: Path, per_combo: int, seed: int
 ) -> dict[int, ClipSpec]:
     """Upload ``per_combo`` clips of every colour x motion through ``POST /memory``."""
-    generator = torch.Generator().manual_seed(seed)
-    combos = [(c, m) for c in COLOURS for m in MOTIONS for _ in range(per_combo)]
-    random.Random(seed).shuffle(combos)
     pending = []
-    for index, (colour, motion) in enumerate(combos):
-        spec = sample_spec(generator, colour, motion)
-        frames = (render_one(spec).permute(1, 2, 3, 0) + 1.0) / 2.0
-        path = write_video(frames, scratch / f"toy-{index:03d}.mkv", fps=TOY.fps, lossless=True)
+    for index, spec in enumerate(bank_specs(per_combo, seed)):
+        path = write_toy_clip(spec, scratch / f"toy-{index:03d}.mkv")
         with open(path, "rb") as handle:
             accepted = client.post(
                 "/memory",
                 files={"file": (path.name, handle, "video/x-matroska")},
-                data={"caption": spec.caption, "tags": f"toy,{colour}"},
+                data={"caption": spec.caption, "tags": f"toy,{spec.colour}"},
             ).raise_for_status()
         pending.append((accepted.json()["id"], spec))
     specs = {}

@@ -39,6 +39,20 @@ def motion_tag(motion: str) -> str:
     return motion.replace(" ", "-")
 
 
+def bank_specs(per_combo: int, seed: int) -> list[ClipSpec]:
+    """``per_combo`` random clips of every colour x motion, in shuffled order."""
+    generator = torch.Generator().manual_seed(seed)
+    combos = [(c, m) for c in COLOURS for m in MOTIONS for _ in range(per_combo)]
+    random.Random(seed).shuffle(combos)
+    return [sample_spec(generator, colour, motion) for colour, motion in combos]
+
+
+def write_toy_clip(spec: ClipSpec, path: Path) -> Path:
+    """The clip as a lossless FFV1 ``.mkv``, so a bank's latents are the rendered pixels."""
+    frames = (render_one(spec).permute(1, 2, 3, 0) + 1.0) / 2.0
+    return write_video(frames, path, fps=TOY.fps, lossless=True)
+
+
 @dataclass(frozen=True)
 class SeededClip:
     clip_id: int
@@ -60,25 +74,19 @@ def seed_toy_bank(
     ``colour_in_caption``); tags name colour and motion. Clips are written losslessly (FFV1)
     so the bank's latents are the rendered pixels.
     """
-    generator = torch.Generator().manual_seed(seed)
-    combos = [(c, m) for c in COLOURS for m in MOTIONS for _ in range(per_combo)]
-    random.Random(seed).shuffle(combos)
+    specs = bank_specs(per_combo, seed)
     seeded = []
     with tempfile.TemporaryDirectory(prefix="ditmem-toy-") as scratch:
-        for index, (colour, motion) in enumerate(combos):
-            spec = sample_spec(generator, colour, motion)
-            frames = (render_one(spec).permute(1, 2, 3, 0) + 1.0) / 2.0
-            path = write_video(
-                frames, Path(scratch) / f"clip-{index:05d}.mkv", fps=TOY.fps, lossless=True
-            )
-            caption = prompt_for(colour if colour_in_caption else None, motion)
+        for index, spec in enumerate(specs):
+            path = write_toy_clip(spec, Path(scratch) / f"clip-{index:05d}.mkv")
+            caption = prompt_for(spec.colour if colour_in_caption else None, spec.motion)
             outcome = ingestor.ingest(
-                path, caption, [colour, motion_tag(motion), "toy", *extra_tags]
+                path, caption, [spec.colour, motion_tag(spec.motion), "toy", *extra_tags]
             )
             path.unlink()
             seeded.append(SeededClip(outcome.record.clip_id, spec))
             if report and (index + 1) % 64 == 0:
-                report(f"seeded {index + 1}/{len(combos)} toy clips")
+                report(f"seeded {index + 1}/{len(specs)} toy clips")
     return seeded
 
 

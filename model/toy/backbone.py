@@ -19,7 +19,6 @@ Run directory::
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import logging
 import os
@@ -42,9 +41,16 @@ from model.toy.components import (
     new_memory_encoder,
     new_text_encoder,
     new_transformer,
+    pixels_to_latents,
     toy_scheduler,
 )
 from model.toy.world import COLOURS, MOTIONS, prompt_for, render, sample_spec
+from model.training import (
+    CHECKPOINT_PREFIX,
+    _write_csv,
+    flow_matching_inputs,
+    latest_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +84,6 @@ def all_captions() -> list[str]:
     return captions
 
 
-def pixels_to_latents(videos: torch.Tensor, vae: PixelSpaceVAE) -> torch.Tensor:
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    return (videos - mean) / std
-
-
 def _text_encoder_fp16_exact(text_encoder: torch.nn.Module) -> None:
     """Round the weights through float16 so the shipped float16 file reproduces them exactly."""
     with torch.no_grad():
@@ -92,7 +92,9 @@ def _text_encoder_fp16_exact(text_encoder: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def caption_states(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+def caption_states(
+    text_encoder: torch.nn.Module, transformer: torch.nn.Module
+) -> dict[str, torch.Tensor]:
     """Text states of :func:`all_captions` exactly as the pipeline computes them."""
     from model.pipeline import MemoryWanPipeline
     from model.tiny import offline_tokenizer
@@ -105,18 +107,14 @@ def caption_states(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
         text_encoder=text_encoder.eval(),
         vae=PixelSpaceVAE(),
         scheduler=toy_scheduler(),
-        transformer=new_transformer(),
-        memory_encoder=new_memory_encoder(),
+        transformer=transformer,
+        memory_encoder=new_memory_encoder(
+            token_dim=transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        ),
     )
     captions = all_captions()
     states = encode_captions(pipe, captions, MAX_SEQUENCE_LENGTH)
     return dict(zip(captions, states, strict=True))
-
-
-def _latest(run_dir: Path) -> Path | None:
-    folder = run_dir / "checkpoints"
-    found = sorted(folder.glob("step-[0-9]*")) if folder.is_dir() else []
-    return found[-1] if found else None
 
 
 def _save_atomic(state: dict, folder: Path) -> None:
@@ -125,15 +123,6 @@ def _save_atomic(state: dict, folder: Path) -> None:
     tmp.mkdir(parents=True)
     torch.save(state, tmp / "state.pt")
     os.replace(tmp, folder)
-
-
-def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["step", "loss", "lr", "seconds"])
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
@@ -148,10 +137,10 @@ def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
         {k: v.half().contiguous() for k, v in text_encoder.state_dict().items()},
         run_dir / TEXT_ENCODER_FILE,
     )
-    states = caption_states(text_encoder)
+    model = new_transformer(config.seed, **config.dit_config).train()
+    states = caption_states(text_encoder, model)
     vae = PixelSpaceVAE()
 
-    model = new_transformer(config.seed, **config.dit_config).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     warmup = max(1, config.warmup_steps)
@@ -167,7 +156,7 @@ def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
     data_gen = torch.Generator().manual_seed(config.seed * 1000 + 1)
     noise_gen = torch.Generator().manual_seed(config.seed * 1000 + 2)
     start, history = 0, []
-    checkpoint = _latest(run_dir) if resume else None
+    checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
@@ -203,15 +192,14 @@ def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
         s = config.timestep_shift
         t = s * t / (1 + (s - 1) * t)
         noise = torch.randn(x0.shape, generator=noise_gen)
-        tt = t.view(-1, 1, 1, 1, 1)
-        x_t = (1 - tt) * x0 + tt * noise
+        x_t, velocity = flow_matching_inputs(x0, t, noise)
         prediction = model(
             hidden_states=x_t,
             timestep=t * 1000,
             encoder_hidden_states=torch.stack([states[c] for c in captions]),
             return_dict=False,
         )[0]
-        loss = F.mse_loss(prediction, noise - x0)
+        loss = F.mse_loss(prediction, velocity)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -239,10 +227,10 @@ def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
                 rng=dict(data=data_gen.get_state(), noise=noise_gen.get_state()),
                 config=config.model_dump(mode="json"),
             )
-            _save_atomic(state, run_dir / "checkpoints" / f"step-{done:06d}")
+            _save_atomic(state, run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{done:06d}")
             export_transformer(ema, run_dir / TRANSFORMER_FILE)
             _write_csv(run_dir / "loss.csv", history)
-            for old in sorted((run_dir / "checkpoints").glob("step-[0-9]*"))[:-2]:
+            for old in sorted((run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}[0-9]*"))[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
     bar.close()
     return run_dir / TRANSFORMER_FILE

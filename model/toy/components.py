@@ -114,6 +114,13 @@ class PixelSpaceVAE(ModelMixin, ConfigMixin):
         return DecoderOutput(sample=z) if return_dict else (z,)
 
 
+def pixels_to_latents(videos: torch.Tensor, vae: PixelSpaceVAE) -> torch.Tensor:
+    """``(N, 3, F, H, W)`` pixels in [-1, 1] -> the normalised latents the transformer denoises."""
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    return (videos - mean) / std
+
+
 def toy_scheduler() -> UniPCMultistepScheduler:
     from model.presets import TOY
 

@@ -92,22 +92,17 @@ def denoising_losses(
     A memory that carries the target's motion should lower the loss at high noise, where the
     motion is decided; if it does not, sampling cannot show a memory effect either.
     """
-    from model.training import encode_captions
+    from model.toy.components import pixels_to_latents
+    from model.training import encode_prompts, flow_matching_inputs
 
     generator = torch.Generator().manual_seed(seed)
-    videos = render(list(targets))
-    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
-    x0 = (videos - mean) / std
+    x0 = pixels_to_latents(render(list(targets)), pipe.vae)
     low, high = t_range
     t = low + (high - low) * torch.rand(len(targets), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
-    tt = t.view(-1, 1, 1, 1, 1)
-    x_t = (1 - tt) * x0 + tt * noise
+    x_t, velocity = flow_matching_inputs(x0, t, noise)
     prompts = [spec.prompt for spec in targets]
-    unique = sorted(set(prompts))
-    states = encode_captions(pipe, unique, pipe.tokenizer.model_max_length)
-    text = states[[unique.index(p) for p in prompts]]
+    text = encode_prompts(pipe, prompts, pipe.tokenizer.model_max_length)
     losses = {}
     for name, memory in memories.items():
         tokens = pipe.encode_memory(None if memory is None else list(memory))
@@ -115,5 +110,5 @@ def denoising_losses(
             prediction = pipe.transformer(
                 hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=text, return_dict=False
             )[0]
-        losses[name] = F.mse_loss(prediction.float(), noise - x0).item()
+        losses[name] = F.mse_loss(prediction.float(), velocity).item()
     return losses

@@ -36,6 +36,7 @@ class GenerationParams:
     steps: int
     guidance_scale: float
     seed: int
+    memory_guidance: bool = False
 
     @classmethod
     def resolve(
@@ -50,6 +51,7 @@ class GenerationParams:
         steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int | None = None,
+        memory_guidance: bool | None = None,
     ) -> GenerationParams:
         """Fill unset fields from ``preset`` and validate; raises :class:`InvalidRequest`."""
         if not prompt or not prompt.strip():
@@ -67,6 +69,9 @@ class GenerationParams:
             steps=preset.steps if steps is None else steps,
             guidance_scale=preset.guidance_scale if guidance_scale is None else guidance_scale,
             seed=int(torch.seed() % 2**31) if seed is None else seed,
+            memory_guidance=(
+                preset.memory_guidance if memory_guidance is None else bool(memory_guidance)
+            ),
         )
         preset.check(
             height=params.height,
@@ -90,6 +95,7 @@ class GenerationParams:
 # Optional request fields, named as in the API, and the keyword :meth:`resolve` takes for each.
 REQUEST_FIELDS = (
     "negative_prompt", "height", "width", "num_frames", "steps", "guidance_scale", "seed",
+    "memory_guidance",
 )  # fmt: skip
 
 
@@ -134,6 +140,7 @@ def generate(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt or None,
         memory=memory,
+        memory_guidance=params.memory_guidance,
         height=params.height,
         width=params.width,
         num_frames=params.num_frames,

@@ -9,6 +9,10 @@ DiT-Mem semantics (no weight of the backbone changes):
 * cross-attention and the FFN never see them; every block and both CFG branches get the same
   memory.
 
+Memory guidance (our option, off by default) departs from the last point: only the conditional
+branch sees the memory, so classifier-free guidance amplifies the memory's pull along with the
+prompt's, as IP-Adapter does with its image tokens.
+
 The maths lives in :class:`MemoryAttnProcessor`, installed on each block's ``attn1`` with the
 official ``set_processor`` API. A forward pre-hook on each block hands the processor the block's
 timestep embedding, which the attention module never receives. Without memory the processor
@@ -47,14 +51,21 @@ class MemoryContext:
     """What every processor of one transformer shares: the active memory and the current step."""
 
     memory: MemoryTokens | None = None
+    # Memory guidance: the unconditional branch of classifier-free guidance runs without memory.
+    conditional_only: bool = False
+    # True while the current forward is the second of its denoising step (the unconditional
+    # branch: WanPipeline runs the conditional forward first, then the unconditional one).
+    unconditional: bool = False
     # The pipeline passes the same timestep tensor to the conditional and unconditional forward
     # of a step, so its identity tells the processors they may reuse the memory keys/values.
     timestep: torch.Tensor | None = None
     log_counts: torch.Tensor | None = None
     cache: dict[int, _MemoryKV] = field(default_factory=dict)
 
-    def set_memory(self, memory: MemoryTokens | None) -> None:
+    def set_memory(self, memory: MemoryTokens | None, *, conditional_only: bool = False) -> None:
         self.memory = memory
+        self.conditional_only = conditional_only and memory is not None
+        self.unconditional = False
         self.log_counts = None if memory is None else memory.log_counts.to(memory.tokens.device)
         self.cache.clear()
 
@@ -144,7 +155,9 @@ class MemoryAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if self.context.memory is None or encoder_hidden_states is not None:
+        context = self.context
+        skip = context.memory is None or (context.conditional_only and context.unconditional)
+        if skip or encoder_hidden_states is not None:
             return self.fallback(
                 attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
             )
@@ -215,14 +228,22 @@ class MemoryInjector:
         return hook
 
     def _capture_timestep(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.context.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        context = self.context
+        # The same timestep tensor again means the same denoising step's second forward.
+        context.unconditional = timestep is not None and timestep is context.timestep
+        context.timestep = timestep
 
     @property
     def memory(self) -> MemoryTokens | None:
         return self.context.memory
 
-    def set_memory(self, memory: MemoryTokens | None) -> None:
-        """Activate ``memory`` (``(B or 1, M, dim)`` tokens) for every following forward."""
+    def set_memory(self, memory: MemoryTokens | None, *, conditional_only: bool = False) -> None:
+        """Activate ``memory`` (``(B or 1, M, dim)`` tokens) for every following forward.
+
+        With ``conditional_only`` (memory guidance), the second forward of each denoising step,
+        the unconditional branch of classifier-free guidance, runs without memory.
+        """
         if memory is not None:
             width = (
                 self.transformer.config.num_attention_heads
@@ -232,12 +253,12 @@ class MemoryInjector:
                 raise ValueError(
                     f"memory tokens have width {memory.tokens.shape[-1]}, the transformer {width}"
                 )
-        self.context.set_memory(memory)
+        self.context.set_memory(memory, conditional_only=conditional_only)
 
     @contextmanager
-    def use(self, memory: MemoryTokens | None) -> Iterator[None]:
+    def use(self, memory: MemoryTokens | None, *, conditional_only: bool = False) -> Iterator[None]:
         """Activate ``memory`` inside the block and always switch it off afterwards."""
-        self.set_memory(memory)
+        self.set_memory(memory, conditional_only=conditional_only)
         try:
             yield
         finally:

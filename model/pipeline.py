@@ -123,6 +123,7 @@ class MemoryWanPipeline(WanPipeline):
         negative_prompt: str | list[str] | None = None,
         *,
         memory: ClipTokens | Sequence[ClipTokens] | MemoryTokens | None = None,
+        memory_guidance: bool = False,
         on_progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
         **kwargs: Any,
@@ -132,6 +133,10 @@ class MemoryWanPipeline(WanPipeline):
         Args:
             memory: Cached tokens of the retrieved clips (``ClipTokens``), one group per prompt,
                 or already mixed ``MemoryTokens``. ``None`` generates without memory.
+            memory_guidance: Give the memory to the conditional branch of classifier-free
+                guidance only, so ``guidance_scale`` amplifies the memory's effect as it does the
+                prompt's. ``False`` (the reference behaviour) gives both branches the memory.
+                Has no effect without guidance (``guidance_scale <= 1``).
             on_progress: Called as ``on_progress(step, total)`` after each denoising step.
             should_cancel: Polled before the first and after every step; returning True stops
                 the run with :class:`GenerationCancelled` (the VAE decode is skipped too).
@@ -159,7 +164,8 @@ class MemoryWanPipeline(WanPipeline):
             # drop the rounding warning that this request triggers on purpose.
             kwargs["num_frames"] = kwargs.get("num_frames", 81) - 1
             quiet = _without_frame_rounding_warning()
-        with self.memory_injector.use(memory_tokens), quiet:
+        injected = self.memory_injector.use(memory_tokens, conditional_only=memory_guidance)
+        with injected, quiet:
             return super().__call__(
                 prompt=prompt,
                 negative_prompt=negative_prompt,

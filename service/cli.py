@@ -86,6 +86,13 @@ def generate(
     width: Annotated[int | None, typer.Option()] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
+    memory_guidance: Annotated[
+        bool | None,
+        typer.Option(
+            "--memory-guidance/--no-memory-guidance",
+            help="Memory in the conditional guidance branch only (default: the preset's).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     wan_path: Annotated[Path | None, typer.Option(help="Wan2.1-T2V-1.3B-Diffusers folder.")] = None,
     dit_mem_path: Annotated[Path | None, typer.Option(help="DiT-Mem-1.3B.safetensors.")] = None,
@@ -109,6 +116,7 @@ def generate(
             dict(
                 prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                 num_frames=frames, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                memory_guidance=memory_guidance,
             ),
         )  # fmt: skip
         if retrieve < 0 or retrieve > 16:
@@ -466,6 +474,13 @@ def toy_eval(
     samples: Annotated[int, typer.Option(min=4, help="Generated clips per condition.")] = 128,
     k: Annotated[int, typer.Option(min=1, help="Memory clips per sample.")] = 3,
     seed: int = 0,
+    memory_guidance: Annotated[
+        bool,
+        typer.Option(
+            "--memory-guidance/--no-memory-guidance",
+            help="Memory in the conditional guidance branch only (the toy preset's default).",
+        ),
+    ] = True,
     weights: Annotated[
         Path | None, typer.Option(help="Toy weights folder (default: the shipped one).")
     ] = None,
@@ -478,12 +493,15 @@ def toy_eval(
     from service.toy import ToyEvalConfig, run_toy_eval
 
     with user_errors():
-        config = ToyEvalConfig(samples=samples, k=k, seed=seed)
+        config = ToyEvalConfig(samples=samples, k=k, seed=seed, memory_guidance=memory_guidance)
         pipe = MemoryWanPipeline(**build_toy_components(weights))
         pipe.set_progress_bar_config(disable=True)
         report = run_toy_eval(pipe, config, strip_dir=strips, report=typer.echo)
     typer.echo(report.table())
-    typer.echo(f"memory gain: {report.memory_gain:+.1%} motion accuracy")
+    typer.echo(
+        f"memory gain: {100 * report.memory_gain:+.1f} points of motion accuracy "
+        f"(standard error {100 * report.memory_gain_stderr:.1f})"
+    )
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(report.to_json() + "\n")

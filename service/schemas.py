@@ -38,6 +38,11 @@ class GenerateRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=1000)
     guidance_scale: float | None = Field(None, ge=0, le=100)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    memory_guidance: bool | None = Field(
+        None,
+        description="memory in the conditional branch of classifier-free guidance only, so "
+        "guidance_scale amplifies it (default: the preset's)",
+    )
     memory: MemoryOptions = Field(default_factory=MemoryOptions)
 
 

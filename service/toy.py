@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 import tempfile
@@ -116,6 +117,7 @@ class ToyEvalConfig(BaseModel):
     bank_per_combo: int = Field(6, ge=1, description="bank clips per colour x motion")
     steps: int = Field(TOY.steps, ge=1)
     guidance_scale: float = Field(TOY.guidance_scale, ge=1.0)
+    memory_guidance: bool = TOY.memory_guidance
     seed: int = 0
     batch_size: int = Field(64, ge=1)
 
@@ -145,6 +147,21 @@ class ToyEvalReport:
         """Motion accuracy with the right memory minus without memory."""
         return self.condition("right").motion_accuracy - self.condition("none").motion_accuracy
 
+    @property
+    def memory_gain_stderr(self) -> float:
+        """Standard error of :attr:`memory_gain`, treating the two conditions as independent.
+
+        The conditions share prompts and noise, which correlates them positively, so this
+        overstates the error a little.
+        """
+        n = self.config["samples"]
+        return math.sqrt(
+            sum(
+                p * (1 - p) / n
+                for p in (self.condition(c).motion_accuracy for c in ("right", "none"))
+            )
+        )
+
     def table(self) -> str:
         lines = [
             "| condition | motion accuracy | colour accuracy | ball missing | follows memory |",
@@ -164,7 +181,8 @@ class ToyEvalReport:
         return "\n".join(lines)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        summary = {"memory_gain": self.memory_gain, "memory_gain_stderr": self.memory_gain_stderr}
+        return json.dumps(asdict(self) | summary, indent=2)
 
 
 def _pick(ids_by_motion: dict[str, list[int]], motion: str, k: int, rng: random.Random) -> list:
@@ -227,7 +245,7 @@ def run_toy_eval(
         videos[name] = sample(
             pipe, prompts, memory, seeds,
             steps=config.steps, guidance_scale=config.guidance_scale,
-            batch_size=config.batch_size,
+            memory_guidance=config.memory_guidance, batch_size=config.batch_size,
         )  # fmt: skip
         judged = judge(videos[name], motions, expected_colours)
         result = ConditionResult(

@@ -26,6 +26,7 @@ def sample(
     *,
     steps: int,
     guidance_scale: float,
+    memory_guidance: bool = False,
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Generate one clip per prompt: ``(N, 3, F, H, W)`` float in [-1, 1].
@@ -41,6 +42,7 @@ def sample(
             prompt=list(prompts[start:stop]),
             negative_prompt=[""] * (stop - start),
             memory=None if memories is None else list(memories[start:stop]),
+            memory_guidance=memory_guidance,
             height=SIZE,
             width=SIZE,
             num_frames=FRAMES,

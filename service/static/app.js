@@ -137,6 +137,8 @@ function generateRequest() {
     const value = readNumber($(id));
     if (value !== undefined) request[field] = value;
   }
+  const memoryGuidance = $("gen-memory-guidance").value;
+  if (memoryGuidance) request.memory_guidance = memoryGuidance === "true";
   const memory = {};
   const k = readNumber($("gen-k"));
   if (k !== undefined) memory.k = k;
@@ -148,7 +150,8 @@ function generateRequest() {
 
 const FIELD_INPUTS = { prompt: "gen-prompt", negative_prompt: "gen-negative", num_frames: "gen-frames",
   width: "gen-width", height: "gen-height", steps: "gen-steps", guidance_scale: "gen-guidance",
-  seed: "gen-seed", "memory.k": "gen-k", "memory.clip_ids": "gen-pins" };
+  seed: "gen-seed", memory_guidance: "gen-memory-guidance", "memory.k": "gen-k",
+  "memory.clip_ids": "gen-pins" };
 
 function markInvalid(details) {
   for (const id of Object.values(FIELD_INPUTS)) $(id).removeAttribute("aria-invalid");

@@ -145,7 +145,11 @@ def test_ui_end_to_end(page: Page, root: Path) -> None:
     page.screenshot(path=str(screenshots / "ui-generate.png"))
 
     # Submit: the job shows up in Jobs with a moving progress bar, then a playable video.
-    page.get_by_role("button", name="Generate", exact=True).last.click()
+    page.get_by_label("Memory guidance").select_option("true")
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/generate")) as sent:
+        page.get_by_role("button", name="Generate", exact=True).last.click()
+    body = sent.value.post_data_json
+    assert body["memory_guidance"] is True and body["memory"] == {"k": 5}, body
     expect(page.locator("#view-jobs")).to_be_visible()
     job = page.locator("#jobs-list li.job[data-status]").filter(has_text=PROMPT).first
     expect(job).to_be_visible()

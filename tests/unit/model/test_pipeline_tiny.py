@@ -10,9 +10,11 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
+from model import injection
 from model.errors import GenerationCancelled, InvalidRequest, LatentShapeError
+from model.generation import GenerationParams
 from model.pipeline import MemoryWanPipeline
-from model.presets import TINY
+from model.presets import TINY, TOY
 from model.tiny import build_tiny_components
 from model.tokens import ClipTokens, MemoryTokens
 
@@ -158,6 +160,78 @@ def test_clip_of_the_wrong_shape_is_rejected(pipe):
     videos = torch.zeros(1, 3, NUM_FRAMES, HEIGHT, WIDTH + 32)
     with pytest.raises(LatentShapeError):
         pipe.resample_clips(videos)
+
+
+# -- memory guidance -------------------------------------------------------------------------------
+
+NEGATIVE = "blurry, static"
+
+
+def memory_use_per_forward(pipe, clip_tokens, monkeypatch, **kwargs) -> list[tuple[str, bool]]:
+    """Run a guided generation; for each transformer forward, its CFG branch (told apart by the
+    text states it got) and whether any self-attention attended to memory keys."""
+    cond, uncond = pipe.encode_prompt(  # the same states as in the call, up to float noise
+        PROMPT, NEGATIVE, do_classifier_free_guidance=True, max_sequence_length=32
+    )
+    names = [("cond", cond.float()), ("uncond", uncond.float())]
+    memory_calls = []
+    real = injection.attention_with_extra_keys
+
+    def spy(*args, **kw):
+        memory_calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(injection, "attention_with_extra_keys", spy)
+    forwards = []
+
+    def before(module, args, kw):
+        states = kw["encoder_hidden_states"].float()
+        branch = next((n for n, ref in names if torch.allclose(states, ref, atol=1e-5)), "?")
+        forwards.append([branch, len(memory_calls)])
+
+    def after(module, args, kw, output):
+        forwards[-1][1] = len(memory_calls) > forwards[-1][1]
+
+    handles = [
+        pipe.transformer.register_forward_pre_hook(before, with_kwargs=True),
+        pipe.transformer.register_forward_hook(after, with_kwargs=True),
+    ]
+    try:
+        generate(pipe, negative_prompt=NEGATIVE, memory=clip_tokens, guidance_scale=4.0, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [tuple(f) for f in forwards]
+
+
+def test_memory_guidance_keeps_memory_out_of_the_unconditional_branch(
+    pipe, clip_tokens, monkeypatch
+):
+    # Relies on diffusers' WanPipeline running the conditional forward of a step before the
+    # unconditional one; this fails if that order ever changes.
+    forwards = memory_use_per_forward(pipe, clip_tokens, monkeypatch, memory_guidance=True)
+    assert forwards == [("cond", True), ("uncond", False)] * STEPS
+
+
+def test_without_memory_guidance_both_branches_see_the_memory(pipe, clip_tokens, monkeypatch):
+    forwards = memory_use_per_forward(pipe, clip_tokens, monkeypatch, memory_guidance=False)
+    assert forwards == [("cond", True), ("uncond", True)] * STEPS
+
+
+def test_memory_guidance_changes_guided_output_only(pipe, clip_tokens):
+    def run(scale: float, guided: bool) -> np.ndarray:
+        return generate(pipe, memory=clip_tokens, guidance_scale=scale, memory_guidance=guided)
+
+    assert not np.allclose(run(4.0, True), run(4.0, False), atol=1e-4)
+    # No guidance, no unconditional branch: the option changes nothing.
+    np.testing.assert_array_equal(run(1.0, True), run(1.0, False))
+
+
+def test_memory_guidance_defaults_to_the_preset_and_a_request_overrides_it():
+    assert GenerationParams.from_request(TOY, {"prompt": "a red ball"}).memory_guidance is True
+    assert GenerationParams.from_request(TINY, {"prompt": "x"}).memory_guidance is False
+    request = {"prompt": "a red ball", "memory_guidance": False}
+    assert GenerationParams.from_request(TOY, request).memory_guidance is False
 
 
 # -- presets --------------------------------------------------------------------------------------

@@ -156,6 +156,7 @@ def test_jobs_are_listed_newest_first(client):
         ({"prompt": "x", "num_frames": 10}, "num_frames"),
         ({"prompt": "x", "width": 70}, "width"),
         ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
+        ({"prompt": "x", "memory_guidance": "maybe"}, "memory_guidance"),
         ({"prompt": "x", "memory": {"k": 17}}, "memory.k"),
         ({"prompt": "x", "memory": {"min_score": 2}}, "memory.min_score"),
         ({"prompt": "x", "colour": "red"}, "colour"),

@@ -36,7 +36,16 @@ def test_generate_writes_a_playable_video_and_its_record(runner: CliRunner, tmp_
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["params"]["prompt"] == "a red ball"
     assert record["params"]["seed"] == 3
+    assert record["params"]["memory_guidance"] is False  # the tiny preset's default
     assert record["num_memory_clips"] == 0
+
+
+def test_generate_records_a_memory_guidance_override(runner: CliRunner, tmp_path: Path):
+    out = tmp_path / "guided.mp4"
+    args = ["generate", "--prompt", "a red ball", "--out", str(out), "--memory-guidance"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.with_suffix(".json").read_text())["params"]["memory_guidance"] is True
 
 
 def test_generate_with_memory_clips_changes_the_video(runner: CliRunner, tmp_path: Path):

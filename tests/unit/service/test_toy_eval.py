@@ -18,12 +18,16 @@ def toy_pipe(**overrides) -> MemoryWanPipeline:
 
 @pytest.fixture(scope="module")
 def report():
+    """The toy preset as served: memory guidance on."""
     return run_toy_eval(toy_pipe(), ToyEvalConfig(samples=128))
 
 
-# The shipped weights measure +29.7 points (docs/benchmarks.md); the bar leaves room for
-# floating-point differences between CPUs. The issue's goal is +30.
-MIN_GAIN = 0.20
+# The goal. The shipped weights measure +39.1 points on these 128 samples (+42.2 on 512;
+# docs/benchmarks.md), a margin of 11 samples for floating-point differences between CPUs.
+MIN_GAIN = 0.30
+# Memory in both guidance branches (the reference behaviour, used by the real preset) measures
+# +29.7 here and +28.9 on 512 samples; a lower bar for that path.
+MIN_GAIN_REFERENCE_MODE = 0.20
 
 
 def test_right_memory_lowers_the_denoising_loss_below_wrong_memory(report) -> None:
@@ -41,6 +45,12 @@ def test_colour_comes_from_the_prompt_in_every_condition(report) -> None:
 
 def test_wrong_memory_is_followed_more_often_than_chance(report) -> None:
     assert report.condition("wrong").follows_memory > report.chance, report.table()
+
+
+def test_memory_in_both_guidance_branches_still_steers_the_motion() -> None:
+    reference = run_toy_eval(toy_pipe(), ToyEvalConfig(samples=128, memory_guidance=False))
+    assert reference.memory_gain >= MIN_GAIN_REFERENCE_MODE, reference.table()
+    assert reference.losses["right"] < reference.losses["wrong"]
 
 
 def test_an_untrained_encoder_does_not_pass_the_bar() -> None:

@@ -36,7 +36,7 @@ class GenerationParams:
     steps: int
     guidance_scale: float
     seed: int
-    memory_guidance: bool = False
+    memory_guidance: bool
 
     @classmethod
     def resolve(

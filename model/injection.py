@@ -70,6 +70,11 @@ class MemoryContext:
         self.cache.clear()
 
 
+def transformer_width(transformer: WanTransformer3DModel) -> int:
+    """Hidden size of the DiT: the width memory tokens must have."""
+    return transformer.config.num_attention_heads * transformer.config.attention_head_dim
+
+
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's interleaved RoPE on ``(B, S, H, D)``, the same formula as diffusers' processor."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
@@ -245,10 +250,7 @@ class MemoryInjector:
         the unconditional branch of classifier-free guidance, runs without memory.
         """
         if memory is not None:
-            width = (
-                self.transformer.config.num_attention_heads
-                * self.transformer.config.attention_head_dim
-            )
+            width = transformer_width(self.transformer)
             if memory.tokens.shape[-1] != width:
                 raise ValueError(
                     f"memory tokens have width {memory.tokens.shape[-1]}, the transformer {width}"

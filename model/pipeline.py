@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 from model.encoder import MemoryEncoder
 from model.errors import GenerationCancelled, InvalidRequest
-from model.injection import MemoryInjector
+from model.injection import MemoryInjector, transformer_width
 from model.tokens import ClipTokens, MemoryTokens
 
 ProgressCallback = Callable[[int, int], None]
@@ -62,7 +62,7 @@ class MemoryWanPipeline(WanPipeline):
             transformer=transformer,
         )
         self.register_modules(memory_encoder=memory_encoder)
-        width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        width = transformer_width(transformer)
         if memory_encoder.config.token_dim != width:
             raise ValueError(
                 f"memory encoder token_dim {memory_encoder.config.token_dim} != DiT width {width}"

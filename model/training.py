@@ -317,7 +317,7 @@ def _write_checkpoint(
 # -- logs ------------------------------------------------------------------------------------------
 
 
-def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
+def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["step", "loss", "lr", "seconds"])
@@ -493,7 +493,7 @@ def train_encoder(
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if accelerator.is_main_process and (done % config.log_every == 0):
-                _write_csv(loss_csv, history)
+                write_loss_csv(loss_csv, history)
             if done % config.checkpoint_every == 0 or done == config.steps:
                 rng = gather_object([_rng_state(generators)])
                 if accelerator.is_main_process:
@@ -520,7 +520,7 @@ def train_encoder(
         save_file(official_state_dict(encoder), tmp)
         os.replace(tmp, official_path)
         save_memory_encoder(encoder, encoder_dir)
-        _write_csv(loss_csv, history)
+        write_loss_csv(loss_csv, history)
         _write_plot(loss_png, history)
     accelerator.wait_for_everyone()
     losses = [h["loss"] for h in history]

@@ -475,12 +475,12 @@ def toy_eval(
     k: Annotated[int, typer.Option(min=1, help="Memory clips per sample.")] = 3,
     seed: int = 0,
     memory_guidance: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--memory-guidance/--no-memory-guidance",
-            help="Memory in the conditional guidance branch only (the toy preset's default).",
+            help="Memory in the conditional guidance branch only (default: the toy preset's).",
         ),
-    ] = True,
+    ] = None,
     weights: Annotated[
         Path | None, typer.Option(help="Toy weights folder (default: the shipped one).")
     ] = None,
@@ -493,7 +493,8 @@ def toy_eval(
     from service.toy import ToyEvalConfig, run_toy_eval
 
     with user_errors():
-        config = ToyEvalConfig(samples=samples, k=k, seed=seed, memory_guidance=memory_guidance)
+        choices = {} if memory_guidance is None else {"memory_guidance": memory_guidance}
+        config = ToyEvalConfig(samples=samples, k=k, seed=seed, **choices)
         pipe = MemoryWanPipeline(**build_toy_components(weights))
         pipe.set_progress_bar_config(disable=True)
         report = run_toy_eval(pipe, config, strip_dir=strips, report=typer.echo)

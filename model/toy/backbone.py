@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from model.injection import transformer_width
 from model.toy.components import (
     MAX_SEQUENCE_LENGTH,
     TEXT_ENCODER_FILE,
@@ -47,9 +48,9 @@ from model.toy.components import (
 from model.toy.world import COLOURS, MOTIONS, prompt_for, render, sample_spec
 from model.training import (
     CHECKPOINT_PREFIX,
-    _write_csv,
     flow_matching_inputs,
     latest_checkpoint,
+    write_loss_csv,
 )
 
 logger = logging.getLogger(__name__)
@@ -108,9 +109,7 @@ def caption_states(
         vae=PixelSpaceVAE(),
         scheduler=toy_scheduler(),
         transformer=transformer,
-        memory_encoder=new_memory_encoder(
-            token_dim=transformer.config.num_attention_heads * transformer.config.attention_head_dim
-        ),
+        memory_encoder=new_memory_encoder(token_dim=transformer_width(transformer)),
     )
     captions = all_captions()
     states = encode_captions(pipe, captions, MAX_SEQUENCE_LENGTH)
@@ -229,7 +228,7 @@ def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
             )
             _save_atomic(state, run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{done:06d}")
             export_transformer(ema, run_dir / TRANSFORMER_FILE)
-            _write_csv(run_dir / "loss.csv", history)
+            write_loss_csv(run_dir / "loss.csv", history)
             for old in sorted((run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}[0-9]*"))[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
     bar.close()

@@ -26,6 +26,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from model.encoder import MemoryEncoder
 from model.errors import WeightsNotFound
+from model.injection import transformer_width
 from model.tiny import offline_tokenizer
 from model.toy.world import FRAMES, SIZE
 
@@ -190,11 +191,10 @@ def build_toy_components(
     _load_into(transformer, folder / TRANSFORMER_FILE)
     text_encoder = new_text_encoder()
     _load_into(text_encoder, folder / TEXT_ENCODER_FILE)
-    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     encoder = (
         load_memory_encoder(folder / ENCODER_DIR)
         if memory_encoder
-        else new_memory_encoder(token_dim=width)
+        else new_memory_encoder(token_dim=transformer_width(transformer))
     )
     tokenizer = offline_tokenizer()
     tokenizer.model_max_length = MAX_SEQUENCE_LENGTH

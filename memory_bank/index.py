@@ -23,7 +23,6 @@ import contextlib
 import math
 import os
 import threading
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +34,7 @@ from numpy.typing import ArrayLike, NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from memory_bank.errors import IndexCorrupt
+from model.atomic import atomic_path
 
 __all__ = ["IndexConfig", "VectorIndex"]
 
@@ -578,30 +578,11 @@ class VectorIndex:
         The file is the FAISS index alone (ids included); readers of ``path`` see either the old
         or the new complete file, never a partial one.
         """
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            # The write into the page cache needs a consistent index (read lock: searches go on,
-            # writers wait); the slow fsync happens after the lock is released.
-            with self._lock.read():
-                faiss.write_index(self._index, str(tmp))
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        # Make the rename itself durable.
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        # The write into the page cache needs a consistent index (read lock: searches go on,
+        # writers wait). Contexts exit in reverse order, so the lock is released before
+        # atomic_path's slow fsync and rename.
+        with atomic_path(path, durable=True) as tmp, self._lock.read():
+            faiss.write_index(self._index, str(tmp))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], config: IndexConfig | None = None) -> VectorIndex:

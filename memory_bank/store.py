@@ -17,12 +17,10 @@ which :meth:`ClipStore.collect_garbage` removes; a row never points at a missing
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from memory_bank.errors import BankCorrupt, ClipNotFound
 from memory_bank.schemas import ClipPage, ClipRecord
+from model.atomic import atomic_path
 from model.tokens import ClipTokens
 
 SCHEMA_VERSION = 1
@@ -185,15 +184,8 @@ class ClipStore:
 
     def write_atomically(self, target: Path, write) -> Path:
         """Write through ``tmp/`` and rename, so ``target`` is either absent or complete."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.root / "tmp" / f"{uuid.uuid4().hex}{target.suffix}"
-        try:
+        with atomic_path(target, tmp_dir=self.root / "tmp", durable=True) as temporary:
             write(temporary)
-            with open(temporary, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
         return target
 
     # -- files -------------------------------------------------------------------------------------

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from pydantic import BaseModel, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model.atomic import atomic_path
 from model.encoder import MemoryEncoder
 from model.loading import ENCODER_WEIGHTS_NAME, official_state_dict, save_memory_encoder
 from model.tokens import MemoryTokens
@@ -301,16 +300,10 @@ def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]
 def _write_checkpoint(
     run_dir: Path, step: int, encoder: MemoryEncoder, state: dict[str, Any]
 ) -> Path:
-    folder = run_dir / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = folder / f".tmp-{CHECKPOINT_PREFIX}{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_memory_encoder(encoder, tmp / "encoder")
-    torch.save(state, tmp / STATE_NAME)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
+    with atomic_path(final) as tmp:
+        save_memory_encoder(encoder, tmp / "encoder")
+        torch.save(state, tmp / STATE_NAME)
     return final
 
 
@@ -318,12 +311,10 @@ def _write_checkpoint(
 
 
 def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["step", "loss", "lr", "seconds"])
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def _write_plot(path: Path, history: list[dict[str, float]]) -> None:
@@ -516,9 +507,8 @@ def train_encoder(
 
     official_path, encoder_dir = run_dir / OFFICIAL_NAME, run_dir / "encoder"
     if accelerator.is_main_process:
-        tmp = official_path.with_suffix(".safetensors.tmp")
-        save_file(official_state_dict(encoder), tmp)
-        os.replace(tmp, official_path)
+        with atomic_path(official_path) as tmp:
+            save_file(official_state_dict(encoder), tmp)
         save_memory_encoder(encoder, encoder_dir)
         write_loss_csv(loss_csv, history)
         _write_plot(loss_png, history)

@@ -5,9 +5,7 @@ Reference clips that feed the model are decoded by :mod:`model.preprocess`, not 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
@@ -16,6 +14,7 @@ import av
 import numpy as np
 import torch
 
+from model.atomic import atomic_path
 from model.errors import InvalidClip
 
 __all__ = ["read_video", "write_video"]
@@ -77,20 +76,8 @@ def write_video(
     if not lossless:
         pixels = _pad_to_even(pixels)
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(target, durable=True) as tmp:
         (_encode_lossless if lossless else _encode)(pixels, tmp, fps)
-        # mkstemp creates the file as 0600; a finished video should be readable like any other.
-        tmp.chmod(0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     return target
 
 
@@ -164,7 +151,6 @@ def _encode(frames: np.ndarray, path: Path, fps: int) -> None:
             stream.codec_context.qscale = True
             stream.codec_context.global_quality = _MPEG4_QSCALE
         _mux_frames(container, stream, frames, time_base)
-    _fsync(path)
 
 
 def _encode_lossless(frames: np.ndarray, path: Path, fps: int) -> None:
@@ -176,7 +162,6 @@ def _encode_lossless(frames: np.ndarray, path: Path, fps: int) -> None:
         stream.width, stream.height, stream.pix_fmt = width, height, "bgr0"
         stream.codec_context.time_base = time_base
         _mux_frames(container, stream, frames, time_base)
-    _fsync(path)
 
 
 def _mux_frames(container, stream, frames: np.ndarray, time_base: Fraction) -> None:
@@ -186,9 +171,3 @@ def _mux_frames(container, stream, frames: np.ndarray, time_base: Fraction) -> N
         frame.pts, frame.time_base = index, time_base
         container.mux(stream.encode(frame))
     container.mux(stream.encode(None))
-
-
-def _fsync(path: Path) -> None:
-    # Make the bytes durable before the rename publishes the file.
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())

@@ -10,6 +10,15 @@ the fastest kernel that also returns its log-sum-exp, attend to the extra keys s
 
 which equals one softmax over the concatenated keys. Where gradients must flow through the video
 attention (training), one masked SDPA over the concatenated keys is used instead.
+
+diffusers' attention backends (``transformer.set_attention_backend``) are honoured where they name
+one of PyTorch's own SDPA kernels (``sdpa_kernel_for_backend``): we call that kernel ourselves for
+its log-sum-exp, because diffusers' ``dispatch_attention_fn`` does not give it on one device
+without context parallelism: ``native``, ``_native_math``, ``_native_efficient``, xformers, NPU and
+XLA refuse ``return_lse``, ``_native_cudnn``/``_native_flash`` return it only under context
+parallelism, and flex's wrapper breaks on it. flash-attn, FA3 and Sage do return it, in their own
+kernels' layouts, but need packages (and a GPU) we do not install, so they are refused rather than
+run untested. A refused backend raises ``UnsupportedAttentionBackend`` at the first memory forward.
 """
 
 from __future__ import annotations
@@ -17,12 +26,54 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger(__name__)
+
+
+class UnsupportedAttentionBackend(ValueError):
+    """A diffusers attention backend that memory injection cannot run; the message names it."""
+
+
+# The diffusers backends we can honour: each names a PyTorch SDPA kernel (None: SDPA's own choice,
+# which is what diffusers' "native" runs).
+_KERNEL_OF_BACKEND: dict[str, SDPBackend | None] = {
+    "native": None,
+    "_native_flash": SDPBackend.FLASH_ATTENTION,
+    "_native_cudnn": SDPBackend.CUDNN_ATTENTION,
+    "_native_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "_native_math": SDPBackend.MATH,
+}
+# PyTorch has no cuDNN or memory-efficient kernel off CUDA.
+_NON_CUDA_KERNELS = (None, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+
+
+def sdpa_kernel_for_backend(backend: str, device: torch.device) -> SDPBackend | None:
+    """The SDPA kernel that runs the video attention under diffusers backend ``backend``.
+
+    Raises:
+        UnsupportedAttentionBackend: ``backend`` cannot give us the video attention's
+            log-sum-exp, or names a kernel ``device`` does not have.
+    """
+    name = str(getattr(backend, "value", backend))  # AttentionBackendName or its string
+    if name not in _KERNEL_OF_BACKEND:
+        raise UnsupportedAttentionBackend(
+            f"attention backend {name!r} is not supported with memory: merging the memory keys "
+            "needs the video attention's log-sum-exp, which memory injection takes only from "
+            f"PyTorch's own kernels. Use one of {sorted(_KERNEL_OF_BACKEND)} "
+            "(transformer.set_attention_backend) or generate without memory."
+        )
+    kernel = _KERNEL_OF_BACKEND[name]
+    if device.type != "cuda" and kernel not in _NON_CUDA_KERNELS:
+        raise UnsupportedAttentionBackend(
+            f"attention backend {name!r} needs a CUDA device, the memory forward runs on "
+            f"{device.type}"
+        )
+    return kernel
 
 
 def _lse_kernel_available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -42,13 +93,24 @@ def _lse_kernel_available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     return q.device.type == "cpu"
 
 
-def _cuda_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> SDPBackend:
-    """The kernel PyTorch's SDPA would pick for this call (cuDNN on Hopper, else flash, ...)."""
-    return SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale))
+def _cuda_backend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kernel: SDPBackend | None
+) -> SDPBackend:
+    """The kernel PyTorch's SDPA would pick for this call (cuDNN on Hopper, else flash, ...).
+
+    Restricted to ``kernel``, SDPA's choice is that kernel or an error saying why it cannot serve
+    these inputs, the error diffusers' own ``_native_*`` backend would give.
+    """
+    with nullcontext() if kernel is None else sdpa_kernel(kernel):
+        return SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale))
 
 
 def attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    kernel: SDPBackend | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused softmax attention that also returns the log-sum-exp of its logits.
 
@@ -57,6 +119,8 @@ def attention_with_lse(
 
     Args:
         q: ``(B, H, S, D)``; k, v: ``(B, H, L, D)``.
+        kernel: Force this fused kernel on CUDA (flash, cuDNN or memory-efficient); ``None``
+            lets SDPA choose. Off CUDA, PyTorch's one kernel with a log-sum-exp is flash.
 
     Returns:
         ``out (B, H, S, D)`` in q's dtype and ``lse (B, H, S)`` float32.
@@ -66,7 +130,7 @@ def attention_with_lse(
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=None, scale=scale
         )
-    backend = _cuda_backend(q, k, v, scale)
+    backend = _cuda_backend(q, k, v, scale, kernel)
     if backend == SDPBackend.CUDNN_ATTENTION:
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, False, False, scale=scale
@@ -90,6 +154,7 @@ def attention_with_extra_keys(
     extra_k: torch.Tensor,
     extra_v: torch.Tensor,
     extra_bias: torch.Tensor,
+    kernel: SDPBackend | None = None,
 ) -> torch.Tensor:
     """``softmax([q k^T, q extra_k^T + extra_bias] * scale) @ [v; extra_v]``.
 
@@ -97,11 +162,14 @@ def attention_with_extra_keys(
         q: ``(B, H, S, D)``; k, v: ``(B, H, L, D)``.
         extra_k, extra_v: ``(B or 1, H, M, D)`` additional keys/values.
         extra_bias: ``(M,)`` float logit bias added to the extra keys (after scaling).
+        kernel: The SDPA kernel for the video attention (see ``sdpa_kernel_for_backend``);
+            ``None`` lets SDPA choose.
 
     Returns:
         ``(B, H, S, D)`` in q's dtype.
     """
-    if not _lse_kernel_available(q, k, v):
+    math_kernel = kernel == SDPBackend.MATH
+    if math_kernel or not _lse_kernel_available(q, k, v):
         # Differentiable path (training) and dtypes without a fused LSE kernel: one masked
         # attention over the concatenated keys; the mask is a broadcast (1, 1, 1, L+M) row.
         batch = q.shape[0]
@@ -110,10 +178,14 @@ def attention_with_extra_keys(
         bias = torch.cat([extra_bias.new_zeros(k.shape[2]), extra_bias])
         # SDPA wants the mask in q's dtype: in bf16, log(100) rounds by ~0.01 (memory weighted
         # ~1% off); float32 training is exact.
-        return reference_attention(q, keys, values, bias)
+        # The math kernel has no log-sum-exp, so it runs here (exact). The fused kernels are
+        # not forced on this path: flash takes no mask, and the others' limits on mask layouts
+        # would make training fail over what is only a speed preference.
+        with sdpa_kernel(SDPBackend.MATH) if math_kernel else nullcontext():
+            return reference_attention(q, keys, values, bias)
 
     scale = 1.0 / math.sqrt(q.shape[-1])
-    out_main, lse_main = attention_with_lse(q, k, v, scale)
+    out_main, lse_main = attention_with_lse(q, k, v, scale, kernel)
     merge = _fused_merge() if q.is_cuda else merge_extra_keys
     return merge(out_main, lse_main, q, extra_k, extra_v, extra_bias, scale)
 

@@ -14,9 +14,18 @@ branch sees the memory, so classifier-free guidance amplifies the memory's pull 
 prompt's, as IP-Adapter does with its image tokens.
 
 The maths lives in :class:`MemoryAttnProcessor`, installed on each block's ``attn1`` with the
-official ``set_processor`` API. A forward pre-hook on each block hands the processor the block's
-timestep embedding, which the attention module never receives. Without memory the processor
-delegates to the processor it replaced, so outputs are bit-identical to stock diffusers.
+official ``set_processor`` API. Without memory the processor delegates to the processor it
+replaced, so outputs are bit-identical to stock diffusers.
+
+Two diffusers hooks (``diffusers.hooks.HookRegistry``) feed it what the attention module never
+receives:
+
+* a stateful hook on the transformer reads the ``CacheContext`` that diffusers pipelines open
+  around every forward (``transformer.cache_context("cond"|"uncond", step_index=i, ...)``): the
+  CFG branch (for memory guidance) and the denoising step (which keys the per-step cache of memory
+  keys/values). A forward outside any cache context is the conditional branch and caches nothing;
+  ``MemoryInjector.branch`` overrides the branch explicitly;
+* a hook on each block hands the block's timestep embedding to its processor.
 """
 
 from __future__ import annotations
@@ -24,50 +33,127 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 from diffusers.models.transformers.transformer_wan import (
     WanAttention,
     WanTransformer3DModel,
     WanTransformerBlock,
 )
-from torch.utils.hooks import RemovableHandle
 
-from model.attention import attention_with_extra_keys
+from model.attention import attention_with_extra_keys, sdpa_kernel_for_backend
 from model.tokens import MemoryTokens
+
+Branch = Literal["cond", "uncond"]
+"""A classifier-free-guidance branch, named as diffusers' pipelines name their cache contexts."""
+
+_BRANCH_HOOK = "ditmem_memory_branch"
+_TEMB_HOOK = "ditmem_memory_temb"
+
+# What identifies a denoising step in a CacheContext: its index, plus the sigma and step count so
+# that two denoising loops inside one ``MemoryInjector.use`` never share memory keys/values.
+_StepKey = tuple[int, float | None, int | None]
 
 
 @dataclass
 class _MemoryKV:
-    """Keys/values of the memory tokens for one block at one timestep."""
+    """Keys/values of the memory tokens for one block at one denoising step."""
 
-    timestep: torch.Tensor
+    step: _StepKey | None
     key: torch.Tensor  # (B or 1, H, M, D)
     value: torch.Tensor  # (B or 1, H, M, D)
 
 
 @dataclass
 class MemoryContext:
-    """What every processor of one transformer shares: the active memory and the current step."""
+    """What every processor of one transformer shares: the active memory and the current forward."""
 
     memory: MemoryTokens | None = None
     # Memory guidance: the unconditional branch of classifier-free guidance runs without memory.
     conditional_only: bool = False
-    # True while the current forward is the second of its denoising step (the unconditional
-    # branch: WanPipeline runs the conditional forward first, then the unconditional one).
-    unconditional: bool = False
-    # The pipeline passes the same timestep tensor to the conditional and unconditional forward
-    # of a step, so its identity tells the processors they may reuse the memory keys/values.
-    timestep: torch.Tensor | None = None
     log_counts: torch.Tensor | None = None
+    # Set by ``MemoryInjector.branch``; wins over the cache context's name.
+    branch_override: Branch | None = None
+    # Set at the start of every transformer forward by the branch hook.
+    unconditional: bool = False
+    step: _StepKey | None = None
     cache: dict[int, _MemoryKV] = field(default_factory=dict)
 
     def set_memory(self, memory: MemoryTokens | None, *, conditional_only: bool = False) -> None:
         self.memory = memory
         self.conditional_only = conditional_only and memory is not None
-        self.unconditional = False
         self.log_counts = None if memory is None else memory.log_counts.to(memory.tokens.device)
         self.cache.clear()
+
+    def begin_forward(self, cache_context: CacheContext | None) -> None:
+        """Record which branch and step the transformer forward now starting belongs to."""
+        name = self.branch_override or (cache_context.name if cache_context else "cond")
+        self.unconditional = name == "uncond"
+        # Without a step index nothing tells two forwards of one step apart from two steps, so
+        # nothing is cached (the memory keys/values are ~10 tokens: recomputing them is cheap).
+        if cache_context is None or cache_context.step_index is None:
+            self.step = None
+        else:
+            self.step = (
+                cache_context.step_index,
+                cache_context.sigma,
+                cache_context.num_inference_steps,
+            )
+
+
+class _NoState(BaseState):
+    """The branch hook's per-context state: none (it only reads the context itself)."""
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class _BranchHook(ModelHook):
+    """Tells the processors which CFG branch and denoising step each transformer forward is.
+
+    diffusers' ``cache_context`` pushes its ``CacheContext`` into every ``StateManager``
+    attribute of every stateful hook registered on the transformer, so this hook holds one.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, context: MemoryContext) -> None:
+        super().__init__()
+        self.state = StateManager(_NoState)
+        self.context = context
+
+    def pre_forward(
+        self, module: torch.nn.Module, *args: Any, **kwargs: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        try:
+            cache_context = self.state.context
+        except ValueError:  # no cache_context around this forward: a direct call
+            cache_context = None
+        self.context.begin_forward(cache_context)
+        return args, kwargs
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.reset()
+        return module
+
+
+class _TimestepEmbeddingHook(ModelHook):
+    """Hands a block's timestep embedding, which its ``attn1`` never receives, to the processor."""
+
+    def __init__(self, processor: MemoryAttnProcessor) -> None:
+        super().__init__()
+        self.processor = processor
+
+    def pre_forward(
+        self, module: torch.nn.Module, *args: Any, **kwargs: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        # WanTransformer3DModel calls blocks positionally: (hidden, text, temb, rotary).
+        self.processor.capture_timestep_embedding(args[2] if len(args) > 2 else kwargs["temb"])
+        return args, kwargs
 
 
 def transformer_width(transformer: WanTransformer3DModel) -> int:
@@ -116,6 +202,33 @@ class MemoryAttnProcessor:
         self.context = context
         self.fallback = fallback
         self._temb: torch.Tensor | None = None
+        self._backend: AttentionBackendName | str | None = getattr(
+            fallback, "_attention_backend", None
+        )
+        self._parallel: object | None = getattr(fallback, "_parallel_config", None)
+
+    # diffusers' set_attention_backend / enable_parallelism set these on the installed processor
+    # only; the stock processor we delegate to without memory must get them too, so that without
+    # memory the transformer runs exactly as diffusers would.
+    @property
+    def _attention_backend(self) -> AttentionBackendName | str | None:
+        return self._backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend: AttentionBackendName | str | None) -> None:
+        self._backend = backend
+        if hasattr(self.fallback, "_attention_backend"):
+            self.fallback._attention_backend = backend
+
+    @property
+    def _parallel_config(self) -> object | None:  # diffusers' ParallelConfig
+        return self._parallel
+
+    @_parallel_config.setter
+    def _parallel_config(self, config: object | None) -> None:
+        self._parallel = config
+        if hasattr(self.fallback, "_parallel_config"):
+            self.fallback._parallel_config = config
 
     def capture_timestep_embedding(self, temb: torch.Tensor) -> None:
         self._temb = temb
@@ -137,18 +250,14 @@ class MemoryAttnProcessor:
         """Memory keys/values ``(B or 1, H, M, D)`` for this block, once per denoising step."""
         context = self.context
         cached = context.cache.get(self.block_index)
-        if (
-            cached is not None
-            and context.timestep is not None
-            and cached.timestep is context.timestep
-        ):
+        if cached is not None and context.step is not None and cached.step == context.step:
             return cached
         normed = self.modulated_memory(context.memory.tokens, like)
         key, value = _project_kv(attn, normed)
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1)).transpose(1, 2)
         value = value.unflatten(2, (attn.heads, -1)).transpose(1, 2)
-        kv = _MemoryKV(context.timestep, key, value)
-        if context.timestep is not None:
+        kv = _MemoryKV(context.step, key, value)
+        if context.step is not None:
             context.cache[self.block_index] = kv
         return kv
 
@@ -168,6 +277,15 @@ class MemoryAttnProcessor:
             )
         if attention_mask is not None:
             raise ValueError("memory injection does not support an attention mask")
+        if self._parallel is not None:
+            raise ValueError("memory injection does not support context parallelism")
+        # Checked before any work, so an unusable backend fails here and names itself.
+        backend = self._backend
+        if backend is None:
+            # As dispatch_attention_fn: the process-wide active backend (DIFFUSERS_ATTN_BACKEND,
+            # attention_backend(...)), which diffusers keeps only in its registry.
+            backend = _AttentionBackendRegistry.get_active_backend()[0]
+        kernel = sdpa_kernel_for_backend(backend, hidden_states.device)
 
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
@@ -189,6 +307,7 @@ class MemoryAttnProcessor:
             memory.key,
             memory.value,
             self.context.log_counts,
+            kernel=kernel,
         )
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
@@ -212,32 +331,19 @@ class MemoryInjector:
             raise RuntimeError("memory injection is already installed on this transformer")
         self.transformer = transformer
         self.context = MemoryContext()
-        self._handles: list[RemovableHandle] = []
         self._processors: list[MemoryAttnProcessor] = []
         for index, block in enumerate(transformer.blocks):
             processor = processor_class(index, block, self.context, block.attn1.processor)
             block.attn1.set_processor(processor)
             self._processors.append(processor)
-            self._handles.append(block.register_forward_pre_hook(self._block_hook(processor)))
-        self._handles.append(
-            transformer.register_forward_pre_hook(self._capture_timestep, with_kwargs=True)
-        )
+            block_hooks = HookRegistry.check_if_exists_or_initialize(block)
+            block_hooks.register_hook(_TimestepEmbeddingHook(processor), _TEMB_HOOK)
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        registry.register_hook(_BranchHook(self.context), _BRANCH_HOOK)
+        # The transformer's registry caches the list of its children's registries; new block
+        # registries would stay invisible to it otherwise.
+        registry.invalidate_child_registries_cache()
         transformer._memory_injector = self
-
-    @staticmethod
-    def _block_hook(processor: MemoryAttnProcessor):
-        def hook(block: WanTransformerBlock, args: tuple) -> None:
-            # WanTransformer3DModel calls blocks positionally: (hidden, text, temb, rotary).
-            processor.capture_timestep_embedding(args[2])
-
-        return hook
-
-    def _capture_timestep(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        context = self.context
-        # The same timestep tensor again means the same denoising step's second forward.
-        context.unconditional = timestep is not None and timestep is context.timestep
-        context.timestep = timestep
 
     @property
     def memory(self) -> MemoryTokens | None:
@@ -246,8 +352,10 @@ class MemoryInjector:
     def set_memory(self, memory: MemoryTokens | None, *, conditional_only: bool = False) -> None:
         """Activate ``memory`` (``(B or 1, M, dim)`` tokens) for every following forward.
 
-        With ``conditional_only`` (memory guidance), the second forward of each denoising step,
-        the unconditional branch of classifier-free guidance, runs without memory.
+        With ``conditional_only`` (memory guidance), forwards of the unconditional branch of
+        classifier-free guidance run without memory: those inside diffusers'
+        ``transformer.cache_context("uncond")`` (what its pipelines open) or inside
+        ``branch("uncond")``.
         """
         if memory is not None:
             width = transformer_width(self.transformer)
@@ -265,12 +373,30 @@ class MemoryInjector:
             yield
         finally:
             self.set_memory(None)
-            self.context.timestep = None
+
+    @contextmanager
+    def branch(self, name: Branch) -> Iterator[None]:
+        """Count every forward inside the block as CFG branch ``name``.
+
+        For direct transformer calls, which have no cache context (outside one, and without this
+        override, a forward is the conditional branch). Inside a cache context it wins over the
+        context's name.
+        """
+        if name not in get_args(Branch):
+            raise ValueError(f"branch must be one of {get_args(Branch)}, not {name!r}")
+        previous = self.context.branch_override
+        self.context.branch_override = name
+        try:
+            yield
+        finally:
+            self.context.branch_override = previous
 
     def remove(self) -> None:
         """Restore the original processors and remove the hooks."""
-        for handle in self._handles:
-            handle.remove()
+        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        registry.remove_hook(_BRANCH_HOOK, recurse=False)
+        registry.remove_hook(_TEMB_HOOK, recurse=True)  # the blocks' hooks
+        registry.invalidate_child_registries_cache()
         for block, processor in zip(self.transformer.blocks, self._processors, strict=True):
             block.attn1.set_processor(processor.fallback)
         self.transformer._memory_injector = None

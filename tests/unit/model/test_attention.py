@@ -11,8 +11,16 @@ import math
 
 import pytest
 import torch
+from diffusers.models.attention_dispatch import AttentionBackendName
+from torch.nn.attention import SDPBackend
 
-from model.attention import attention_with_extra_keys, attention_with_lse, reference_attention
+from model.attention import (
+    UnsupportedAttentionBackend,
+    attention_with_extra_keys,
+    attention_with_lse,
+    reference_attention,
+    sdpa_kernel_for_backend,
+)
 
 # (batch, heads, queries, video keys, extra keys, head dim)
 SHAPES = [
@@ -173,3 +181,45 @@ def test_lse_bfloat16_returns_float32_lse():
     assert lse.dtype == torch.float32
     logits = explicit_logits(q, k)
     torch.testing.assert_close(lse, torch.logsumexp(logits, dim=-1), atol=2e-2, rtol=2e-2)
+
+
+# -- diffusers attention backends ----------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("backend", "kernel"),
+    [
+        ("native", None),
+        (AttentionBackendName.NATIVE, None),
+        ("_native_flash", SDPBackend.FLASH_ATTENTION),
+        ("_native_math", SDPBackend.MATH),
+    ],
+)
+def test_pytorch_backends_map_to_their_sdpa_kernel(backend, kernel):
+    assert sdpa_kernel_for_backend(backend, CPU) == kernel
+
+
+@pytest.mark.parametrize("backend", ["flex", "flash", "sage", "xformers", "_native_npu"])
+def test_backends_without_a_usable_log_sum_exp_are_refused_by_name(backend):
+    with pytest.raises(UnsupportedAttentionBackend, match=f"'{backend}'"):
+        sdpa_kernel_for_backend(backend, CPU)
+
+
+@pytest.mark.parametrize("backend", ["_native_cudnn", "_native_efficient"])
+def test_cuda_only_kernels_are_refused_off_cuda(backend):
+    with pytest.raises(UnsupportedAttentionBackend, match="CUDA"):
+        sdpa_kernel_for_backend(backend, CPU)
+    assert sdpa_kernel_for_backend(backend, torch.device("cuda")) is not None
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forced_kernels_equal_the_default_on_cpu(shape):
+    inputs = make_inputs(shape)
+    with torch.no_grad():
+        default = attention_with_extra_keys(**inputs)
+        flash = attention_with_extra_keys(**inputs, kernel=SDPBackend.FLASH_ATTENTION)
+        math_kernel = attention_with_extra_keys(**inputs, kernel=SDPBackend.MATH)
+    assert torch.equal(flash, default)  # the CPU kernel with a log-sum-exp is flash anyway
+    torch.testing.assert_close(math_kernel, concatenated_reference(**inputs), atol=1e-5, rtol=1e-5)

@@ -14,7 +14,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from diffusers.hooks import HookRegistry
+from diffusers.models.attention_dispatch import AttentionBackendName, attention_backend
 
+from model.attention import UnsupportedAttentionBackend
 from model.injection import MemoryAttnProcessor, MemoryInjector
 from model.tokens import MemoryTokens
 
@@ -236,37 +239,139 @@ def test_per_request_memory_in_a_batch(transformer, injector, inputs, memory):
 # -- memory keys/values cache ---------------------------------------------------------------------
 
 
-def test_memory_kv_cache_is_reused_for_the_same_timestep_object(
-    transformer, injector, inputs, memory
-):
+def step_context(transformer, branch: str, step: int, sigma: float = 0.5):
+    """The cache context diffusers' WanPipeline opens around each forward of a step."""
+    return transformer.cache_context(branch, step_index=step, sigma=sigma, num_inference_steps=2)
+
+
+def test_memory_kv_cache_is_shared_by_the_branches_of_a_step(transformer, injector, inputs, memory):
     with injector.use(memory):
-        first = run(transformer, **inputs)
+        with step_context(transformer, "cond", 0):
+            first = run(transformer, **inputs)
         cached = dict(injector.context.cache)
         assert sorted(cached) == list(range(len(transformer.blocks)))
-        assert all(entry.timestep is inputs["timestep"] for entry in cached.values())
 
-        # Same tensor object (what the pipeline passes to both CFG branches): reused.
-        second = run(transformer, **inputs)
+        # The other branch of the same step reuses them, even given another timestep object.
+        with step_context(transformer, "uncond", 0):
+            second = run(transformer, **dict(inputs, timestep=inputs["timestep"].clone()))
         assert all(injector.context.cache[i] is cached[i] for i in cached)
         assert torch.equal(second, first)
 
-        # A new timestep object, even with the same value: recomputed.
-        fresh = dict(inputs, timestep=inputs["timestep"].clone())
-        third = run(transformer, **fresh)
+        # The next step recomputes them, even for the same timestep tensor.
+        with step_context(transformer, "cond", 1, sigma=0.25):
+            third = run(transformer, **inputs)
         assert all(injector.context.cache[i] is not cached[i] for i in cached)
-        assert all(e.timestep is fresh["timestep"] for e in injector.context.cache.values())
         assert torch.equal(third, first)
     assert injector.context.cache == {}
 
 
-def test_cached_memory_kv_follow_the_timestep(transformer, injector, inputs, memory):
+def test_direct_calls_cache_no_memory_kv(transformer, injector, inputs, memory):
+    # Without a cache context nothing says whether two forwards share a step.
+    with injector.use(memory):
+        first = run(transformer, **inputs)
+        assert injector.context.cache == {}
+        assert torch.equal(run(transformer, **inputs), first)
+        assert injector.context.cache == {}
+
+
+def test_cached_memory_kv_follow_the_step(transformer, injector, inputs, memory):
     other_step = dict(inputs, timestep=torch.tensor([100.0]))
     with injector.use(memory):
-        run(transformer, **inputs)
-        out = run(transformer, **other_step)
+        with step_context(transformer, "cond", 0):
+            run(transformer, **inputs)
+        with step_context(transformer, "cond", 1, sigma=0.1):
+            out = run(transformer, **other_step)
     with injector.use(memory):
         expected = run(transformer, **other_step)
     assert torch.equal(out, expected)
+
+
+# -- CFG branch detection (memory guidance) --------------------------------------------------------
+
+
+def test_branch_comes_from_the_cache_context_not_the_forward_order(
+    transformer, injector, inputs, memory, injection_golden
+):
+    stock = run(transformer, **inputs)
+    # "uncond" first, then "cond", with the very same timestep tensor: detection by timestep
+    # identity and order would take the first forward for the conditional one.
+    with injector.use(memory, conditional_only=True):
+        with step_context(transformer, "uncond", 0):
+            uncond = run(transformer, **inputs)
+        with step_context(transformer, "cond", 0):
+            cond = run(transformer, **inputs)
+    assert torch.equal(uncond, stock)
+    assert_matches(cond, injection_golden["output.ref_mem"])
+    # Without memory guidance both branches see the memory.
+    with injector.use(memory), step_context(transformer, "uncond", 0):
+        assert_matches(run(transformer, **inputs), injection_golden["output.ref_mem"])
+
+
+def test_direct_calls_are_conditional_unless_overridden(
+    transformer, injector, inputs, memory, injection_golden
+):
+    stock = run(transformer, **inputs)
+    with injector.use(memory, conditional_only=True):
+        # Two direct calls with the same timestep tensor: both conditional, whatever the order.
+        for _ in range(2):
+            assert_matches(run(transformer, **inputs), injection_golden["output.ref_mem"])
+        with injector.branch("uncond"):
+            assert torch.equal(run(transformer, **inputs), stock)
+            # The override wins over a cache context too.
+            with step_context(transformer, "cond", 0):
+                assert torch.equal(run(transformer, **inputs), stock)
+        with injector.branch("cond"), step_context(transformer, "uncond", 0):
+            assert_matches(run(transformer, **inputs), injection_golden["output.ref_mem"])
+        assert_matches(run(transformer, **inputs), injection_golden["output.ref_mem"])
+
+
+def test_branch_rejects_unknown_names(injector):
+    with pytest.raises(ValueError, match="branch"), injector.branch("negative"):
+        pass
+
+
+def test_remove_unregisters_the_diffusers_hooks(transformer, injector):
+    modules = [transformer, *transformer.blocks]
+    assert all(HookRegistry.check_if_exists_or_initialize(m).hooks for m in modules)
+    injector.remove()
+    assert not any(HookRegistry.check_if_exists_or_initialize(m).hooks for m in modules)
+
+
+# -- attention backends ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def backend_restored():
+    """``set_attention_backend`` also sets diffusers' process-wide active backend; the
+    ``attention_backend`` context manager puts the previous one back on exit."""
+    with attention_backend(AttentionBackendName.NATIVE):
+        yield
+
+
+@pytest.mark.parametrize("backend", ["flex", "_native_cudnn"])
+def test_unsupported_attention_backend_fails_at_the_first_memory_forward(
+    backend_restored, transformer, injector, inputs, memory, backend
+):
+    transformer.set_attention_backend(backend)
+    # Without memory the stock processor runs, on the backend diffusers was given.
+    assert all(b.attn1.processor.fallback._attention_backend == backend for b in transformer.blocks)
+    with injector.use(memory), pytest.raises(UnsupportedAttentionBackend, match=backend):
+        run(transformer, **inputs)
+
+
+def test_native_backends_with_memory_match_the_default(
+    backend_restored, transformer, injector, inputs, memory, injection_golden
+):
+    with injector.use(memory):
+        default = run(transformer, **inputs)
+        transformer.set_attention_backend("native")
+        assert torch.equal(run(transformer, **inputs), default)
+        # On CPU, PyTorch's kernel with a log-sum-exp is its flash kernel: the default one.
+        transformer.set_attention_backend("_native_flash")
+        assert torch.equal(run(transformer, **inputs), default)
+        # The math kernel gives no log-sum-exp: one masked softmax, exact up to rounding.
+        transformer.set_attention_backend("_native_math")
+        assert_matches(run(transformer, **inputs), injection_golden["output.ref_mem"])
 
 
 # -- sensitivity: wrong injections must fail the parity comparison --------------------------------
@@ -302,7 +407,7 @@ def _memory_kv_variant(tembs, *, normalize: bool, modulate: bool):
         tokens = tokens.type_as(like)
         key = attn.norm_k(attn.to_k(tokens)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
         value = attn.to_v(tokens).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-        return SimpleNamespace(timestep=None, key=key, value=value)
+        return SimpleNamespace(step=None, key=key, value=value)
 
     return memory_kv
 

@@ -33,13 +33,13 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
-from service.app import create_app
-from service.settings import Settings
+from ditmem.compose import build_app
+from runtime.settings import Settings
 
 class Body(BaseModel):
     prompt: str
 
-app = create_app(Settings())
+app = build_app(Settings())
 
 @app.post("/bare", status_code=202)
 def bare(body: Body) -> dict:
@@ -102,6 +102,7 @@ def main() -> None:
             **os.environ,
             "PYTHONPATH": str(REPO),
             "HF_HUB_OFFLINE": "1",
+            "DITMEM_PRESET": "tiny",
             "DITMEM_REDIS_URL": REDIS_URL,
             "DITMEM_BANK_DIR": f"{scratch}/bank",
             "DITMEM_RESULTS_DIR": f"{scratch}/results",

@@ -32,11 +32,13 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > /tmp/requirements.txt \
  && pip install -c /opt/torch-constraints.txt -r /tmp/requirements.txt
 
-# ditmem itself, installed from pyproject (setuptools: model*, memory_bank*, service*, worker*).
+# ditmem itself, installed from pyproject (setuptools: model*, memory_bank*, runtime*, service*, worker*, ditmem*).
 COPY model ./model
 COPY memory_bank ./memory_bank
 COPY service ./service
 COPY worker ./worker
+COPY runtime ./runtime
+COPY ditmem ./ditmem
 RUN pip install --no-deps . \
  && ditmem --help > /dev/null
 

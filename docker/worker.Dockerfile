@@ -53,6 +53,8 @@ COPY model ./model
 COPY memory_bank ./memory_bank
 COPY service ./service
 COPY worker ./worker
+COPY runtime ./runtime
+COPY ditmem ./ditmem
 RUN uv pip install --no-deps . \
  && ditmem --help > /dev/null \
  && python -c "import faiss; assert hasattr(faiss, 'StandardGpuResources'), 'faiss without GPU support'"

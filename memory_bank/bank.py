@@ -199,6 +199,14 @@ class MemoryBank:
     def get(self, clip_id: int) -> ClipRecord:
         return self.store.get(clip_id)
 
+    def poster_path(self, record: ClipRecord) -> Path:
+        """Where the clip's poster frame (a JPEG) is stored."""
+        return self.store.poster_path(record.content_hash)
+
+    def get_many(self, clip_ids: list[int]) -> list[ClipRecord]:
+        """Records in the order of ``clip_ids``; unknown ids raise :class:`ClipNotFound`."""
+        return self.store.get_many(clip_ids)
+
     def list(self, *, offset: int = 0, limit: int = 50, tag: str | None = None) -> ClipPage:
         return self.store.list(offset=offset, limit=limit, tag=tag)
 

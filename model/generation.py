@@ -1,19 +1,20 @@
-"""One generation request end to end: parameters -> memory tokens -> frames.
+"""One generation in the model's terms: resolved parameters + memory tokens -> frames.
 
-Shared by the CLI, the embedded service and the GPU workers, so a request behaves the same
-wherever it runs.
+``runtime.generation`` builds on it for the whole job (memory from the bank, the mp4 and its
+record), the same for the CLI and every worker.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from model.errors import InvalidRequest
 from model.pipeline import CancelCheck, MemoryWanPipeline, ProgressCallback
@@ -22,11 +23,17 @@ from model.presets import Preset
 from model.tokens import ClipTokens
 
 MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**31 - 1
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    """Fully resolved parameters of one video (preset defaults filled in, bounds checked)."""
+class GenerationParams(BaseModel):
+    """Fully resolved parameters of one video (preset defaults filled in, bounds checked).
+
+    Built only by :meth:`resolve`; a job record stores it as it is, so a worker runs exactly
+    what the API accepted.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     prompt: str
     negative_prompt: str
@@ -68,7 +75,8 @@ class GenerationParams:
             num_frames=preset.num_frames if num_frames is None else num_frames,
             steps=preset.steps if steps is None else steps,
             guidance_scale=preset.guidance_scale if guidance_scale is None else guidance_scale,
-            seed=int(torch.seed() % 2**31) if seed is None else seed,
+            # A fresh seed from the OS: torch.seed() would also reseed the global generator.
+            seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed,
             memory_guidance=(
                 preset.memory_guidance if memory_guidance is None else bool(memory_guidance)
             ),
@@ -82,38 +90,15 @@ class GenerationParams:
         )
         return params
 
-    @classmethod
-    def from_request(cls, preset: Preset, request: Mapping[str, Any]) -> GenerationParams:
-        """:meth:`resolve` from an API request body (``prompt``, ``num_frames``, ``steps`` ...)."""
-        return cls.resolve(
-            preset,
-            request.get("prompt") or "",
-            **{name: request.get(name) for name in REQUEST_FIELDS},
-        )
-
-
-# Optional request fields, named as in the API, and the keyword :meth:`resolve` takes for each.
-REQUEST_FIELDS = (
-    "negative_prompt", "height", "width", "num_frames", "steps", "guidance_scale", "seed",
-    "memory_guidance",
-)  # fmt: skip
-
 
 @dataclass
 class GenerationResult:
-    """Frames plus the record a user needs to reproduce them."""
+    """Frames of one video with the parameters and timings that made them."""
 
     frames: np.ndarray  # (F, H, W, 3) float32 in [0, 1]
     params: GenerationParams
     num_memory_clips: int
     timings: dict[str, float] = field(default_factory=dict)
-
-    def record(self) -> dict:
-        return {
-            "params": asdict(self.params),
-            "num_memory_clips": self.num_memory_clips,
-            "timings_s": self.timings,
-        }
 
 
 def clip_tokens_from_files(

@@ -16,6 +16,7 @@ Anything else missing, unexpected or of the wrong shape is a :class:`CheckpointE
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from model.encoder import MemoryEncoder
 from model.errors import CheckpointError, WeightsNotFound
+from model.presets import WAN21_T2V_1_3B, Preset, get_preset
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +198,12 @@ def official_state_dict(encoder: MemoryEncoder) -> dict[str, torch.Tensor]:
 # -- whole pipelines ------------------------------------------------------------------------------
 
 WAN_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-WAN_DOWNLOAD_HINT = (
-    "download it with `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers "
-    "--local-dir <path>` and pass that path (DITMEM_WAN_PATH or --wan-path)"
-)
+PIPELINE_INDEX = "model_index.json"
+# model_index.json names our own component classes by module path ("model.toy.components");
+# diffusers resolves such names only from modules already imported, so we import those, and
+# only those of this package.
+OWN_PACKAGE = __name__.split(".")[0]
+WAN_DOWNLOAD_HINT = WAN21_T2V_1_3B.weights_hint
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -209,15 +213,85 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def check_pipeline_folder(path: Path, hint: str, kind: str = "pipeline") -> None:
+    """Raise :class:`WeightsNotFound` naming the first part of a pipeline folder that is missing."""
+    if not path.is_dir():
+        raise WeightsNotFound(f"{kind} weights folder {path} does not exist; {hint}")
+    for name in (PIPELINE_INDEX, *WAN_SUBFOLDERS):
+        if not (path / name).exists():
+            raise WeightsNotFound(f"{path} has no {name}: not a {kind} folder; {hint}")
+
+
 def check_wan_folder(path: Path) -> None:
     """Raise :class:`WeightsNotFound` naming the first part of a Wan folder that is missing."""
-    if not path.is_dir():
-        raise WeightsNotFound(f"Wan2.1 weights folder {path} does not exist; {WAN_DOWNLOAD_HINT}")
-    for name in ("model_index.json", *WAN_SUBFOLDERS):
-        if not (path / name).exists():
-            raise WeightsNotFound(
-                f"{path} has no {name}: not a Wan2.1 Diffusers folder; {WAN_DOWNLOAD_HINT}"
-            )
+    check_pipeline_folder(path, WAN_DOWNLOAD_HINT, kind="Wan2.1 Diffusers")
+
+
+def component_dtypes(preset: Preset, device: torch.device) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s per-component ``dtype``: the preset's on a GPU, float32 elsewhere."""
+    dtypes = {"default": torch.float32}
+    if device.type == "cuda":
+        dtypes |= {name: getattr(torch, dtype) for name, dtype in preset.gpu_dtypes.items()}
+    return dtypes
+
+
+def _import_own_components(index: dict) -> None:
+    """Import the modules of this package that ``model_index.json`` names as libraries."""
+    libraries = {v[0] for v in index.values() if isinstance(v, list) and isinstance(v[0], str)}
+    for library in sorted(libraries):
+        if library == OWN_PACKAGE or library.startswith(OWN_PACKAGE + "."):
+            importlib.import_module(library)
+
+
+def _encoder_config(folder: Path) -> dict | None:
+    """The architecture of the folder's own memory encoder, for a bare checkpoint trained on it."""
+    path = folder / "memory_encoder" / "config.json"
+    if not path.is_file():
+        return None
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+def _seeded_pipeline(preset: Preset, seed: int, dit_mem_path: str | Path | None):
+    from model.pipeline import MemoryWanPipeline
+
+    module, _, function = preset.seeded_components.partition(":")
+    components = getattr(importlib.import_module(module), function)(seed)
+    if dit_mem_path is not None:
+        # An encoder trained on these components (a `ditmem train` output).
+        components["memory_encoder"] = load_memory_encoder(dit_mem_path).eval()
+    return MemoryWanPipeline(**components)
+
+
+def _pretrained_pipeline(
+    preset: Preset, folder: Path, dit_mem_path: str | Path | None, target: torch.device
+):
+    from model.pipeline import MemoryWanPipeline
+
+    check_pipeline_folder(folder, preset.weights_hint, kind=f"{preset.name} pipeline")
+    index = json.loads((folder / PIPELINE_INDEX).read_text())
+    _import_own_components(index)
+    dtypes = component_dtypes(preset, target)
+    passed = {}
+    if dit_mem_path is not None:
+        # Passed explicitly, it replaces the folder's own encoder if there is one.
+        passed["memory_encoder"] = load_memory_encoder(
+            dit_mem_path,
+            config=_encoder_config(folder),
+            device=target,
+            dtype=dtypes.get("memory_encoder", dtypes["default"]),
+        )
+    elif "memory_encoder" not in index:
+        raise WeightsNotFound(
+            f"preset {preset.name} needs a memory encoder and {folder} carries none: set "
+            "DITMEM_DIT_MEM_PATH (DiT-Mem-1.3B.safetensors for Wan2.1)"
+        )
+    # The scheduler class the folder names, with the preset's flow shift.
+    library, class_name = index["scheduler"]
+    scheduler_class = getattr(importlib.import_module(library), class_name)
+    passed["scheduler"] = scheduler_class.from_pretrained(
+        folder, subfolder="scheduler", flow_shift=preset.flow_shift
+    )
+    return MemoryWanPipeline.from_pretrained(folder, dtype=dtypes, **passed)
 
 
 def load_pipeline(
@@ -232,67 +306,29 @@ def load_pipeline(
 ):
     """Build a ready :class:`~model.pipeline.MemoryWanPipeline` for a preset.
 
-    ``tiny`` builds seeded random components and reads nothing; ``toy`` loads the trained toy
-    weights shipped in ``model/toy/weights``. ``wan2.1-t2v-1.3b`` reads the
-    Wan2.1 Diffusers folder at ``wan_path`` (DiT and text encoder in bf16 on GPU, VAE in float32)
-    and the DiT-Mem checkpoint at ``dit_mem_path``.
+    The preset says where its components come from (``model.presets.Preset``): ``tiny`` builds
+    seeded random components and reads nothing (``dit_mem_path``: an encoder trained on them);
+    every other preset loads a diffusers pipeline folder with
+    ``MemoryWanPipeline.from_pretrained``: ``wan_path`` or the preset's default folder (``toy``:
+    the shipped ``model/toy/weights``; ``wan2.1-t2v-1.3b`` has none, the Wan2.1 Diffusers folder
+    must be given). ``dit_mem_path`` (the DiT-Mem checkpoint, or an encoder trained on the
+    folder's transformer) replaces the folder's memory encoder and is required when the folder
+    has none, as Wan2.1 folders do. On a GPU the preset picks each component's dtype (real: DiT
+    and text encoder in bf16, VAE in float32); on the CPU everything is float32.
     """
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
-    from model.pipeline import MemoryWanPipeline
-    from model.presets import get_preset
-    from model.tiny import build_tiny_components
-
     preset = get_preset(preset_name)
     target = resolve_device(device)
-    if preset.name == "tiny":
-        components = build_tiny_components(seed)
-        if dit_mem_path is not None:
-            # An encoder trained on the tiny backbone (a `ditmem train` output).
-            components["memory_encoder"] = load_memory_encoder(dit_mem_path).eval()
-        return MemoryWanPipeline(**components).to(target)
-    if preset.name == "toy":
-        from model.toy.components import TOY_ENCODER_CONFIG, build_toy_components
-
-        # wan_path: a toy weights folder (default: the shipped one); dit_mem_path: an encoder
-        # trained on top of it (a `ditmem train` output) instead of the shipped encoder.
-        components = build_toy_components(wan_path)
-        if dit_mem_path is not None:
-            components["memory_encoder"] = load_memory_encoder(
-                dit_mem_path, config=TOY_ENCODER_CONFIG
-            ).eval()
-        return MemoryWanPipeline(**components).to(target)
-
-    if wan_path is None or dit_mem_path is None:
-        raise WeightsNotFound(
-            f"preset {preset.name} needs local weights: set DITMEM_WAN_PATH (Wan2.1-T2V-1.3B-"
-            "Diffusers folder) and DITMEM_DIT_MEM_PATH (DiT-Mem-1.3B.safetensors)"
-        )
-    wan_path = Path(wan_path)
-    check_wan_folder(wan_path)
-    dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
-    transformer = WanTransformer3DModel.from_pretrained(
-        wan_path, subfolder="transformer", torch_dtype=dtype
-    )
-    # The Wan VAE is numerically fragile in half precision; it runs once per video.
-    vae = AutoencoderKLWan.from_pretrained(wan_path, subfolder="vae", torch_dtype=torch.float32)
-    text_encoder = UMT5EncoderModel.from_pretrained(
-        wan_path, subfolder="text_encoder", torch_dtype=dtype
-    )
-    tokenizer = AutoTokenizer.from_pretrained(wan_path, subfolder="tokenizer")
-    scheduler = UniPCMultistepScheduler.from_pretrained(
-        wan_path, subfolder="scheduler", flow_shift=preset.flow_shift
-    )
-    memory_encoder = load_memory_encoder(dit_mem_path, device=target)
-    pipe = MemoryWanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=scheduler,
-        transformer=transformer,
-        memory_encoder=memory_encoder,
-    )
+    if preset.seeded_components is not None:
+        pipe = _seeded_pipeline(preset, seed, dit_mem_path)
+    else:
+        folder = wan_path if wan_path is not None else preset.weights_dir
+        if folder is None:
+            raise WeightsNotFound(
+                f"preset {preset.name} needs local weights: set DITMEM_WAN_PATH to its pipeline "
+                f"folder ({preset.weights_hint}) and DITMEM_DIT_MEM_PATH to the memory encoder "
+                "checkpoint (DiT-Mem-1.3B.safetensors for Wan2.1)"
+            )
+        pipe = _pretrained_pipeline(preset, Path(folder), dit_mem_path, target)
     if vae_tiling:
         pipe.vae.enable_tiling()
     if cpu_offload and target.type == "cuda":

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers import SchedulerMixin
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
@@ -43,7 +44,9 @@ class MemoryWanPipeline(WanPipeline):
         self,
         tokenizer: PreTrainedTokenizerBase,
         text_encoder: UMT5EncoderModel,
-        vae: AutoencoderKLWan,
+        # Or a stand-in with its interface (the toy preset's pixel-space PixelSpaceVAE): the
+        # annotation is what diffusers' from_pretrained checks loaded components against.
+        vae: AutoencoderKLWan | ModelMixin,
         scheduler: SchedulerMixin,
         transformer: WanTransformer3DModel,
         memory_encoder: MemoryEncoder,

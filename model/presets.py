@@ -1,14 +1,18 @@
 """Model presets: generation defaults, parameter bounds and the memory clip geometry.
 
-A preset says *what* to run; weights come from ``model.loading`` (real) or ``model.tiny``
-(seeded random components of the same classes).
+A preset says *what* to run and how its components come to be; ``model.loading`` loads them:
+seeded random components built in memory (``tiny``, from ``model.tiny``), or a diffusers pipeline
+folder (``toy``: the shipped one; the real preset: the user's Wan2.1 folder).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from model.errors import InvalidRequest
+
+TOY_WEIGHTS_DIR = Path(__file__).parent / "toy" / "weights"
 
 WAN_NEGATIVE_PROMPT = (
     "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
@@ -46,6 +50,13 @@ class Preset:
         display_scale: Written videos are enlarged this many times (nearest neighbour).
         memory_guidance: Default of the request field: memory only in the conditional branch
             of classifier-free guidance (see ``MemoryWanPipeline.__call__``).
+        seeded_components: ``"module:function"`` that builds every pipeline component in memory
+            from a seed (no files); ``None``: the components load from a pipeline folder.
+        weights_dir: The pipeline folder loaded when the caller names none (``wan_path``);
+            ``None``: the caller must name one.
+        weights_hint: How to obtain that folder, for the error when it is missing or partial.
+        gpu_dtypes: ``dtype`` names per pipeline component on a GPU (``"default"`` for the
+            rest); on the CPU everything is float32. The memory encoder follows ``"default"``.
     """
 
     name: str
@@ -66,6 +77,10 @@ class Preset:
     display_scale: int = 1
     memory_guidance: bool = False
     bounds: dict[str, Bounds] = field(default_factory=dict)
+    seeded_components: str | None = None
+    weights_dir: Path | None = None
+    weights_hint: str = ""
+    gpu_dtypes: dict[str, str] = field(default_factory=dict)
 
     def check(
         self, *, height: int, width: int, num_frames: int, steps: int, guidance_scale: float
@@ -113,6 +128,12 @@ WAN21_T2V_1_3B = Preset(
         "steps": Bounds(1, 100),
         "guidance_scale": Bounds(1.0, 20.0),
     },
+    weights_hint=(
+        "download it with `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers "
+        "--local-dir <path>` and pass that path (DITMEM_WAN_PATH or --wan-path)"
+    ),
+    # The Wan VAE is numerically fragile in half precision; it runs once per video.
+    gpu_dtypes={"transformer": "bfloat16", "text_encoder": "bfloat16", "vae": "float32"},
 )
 
 TINY = Preset(
@@ -135,6 +156,7 @@ TINY = Preset(
         "steps": Bounds(1, 8),
         "guidance_scale": Bounds(1.0, 20.0),
     },
+    seeded_components="model.tiny:build_tiny_components",
 )
 
 # The toy world (model/toy): 8 frames of 16x16 pixels, denoised in pixel space (no VAE stride).
@@ -160,10 +182,14 @@ TOY = Preset(
     bounds={
         "height": Bounds(16, 32),
         "width": Bounds(16, 32),
-        "num_frames": Bounds(4, 16),
+        # Every toy clip is 8 frames, and one transformer patch spans all of them: any other
+        # count cannot be patched.
+        "num_frames": Bounds(8, 8),
         "steps": Bounds(1, 50),
         "guidance_scale": Bounds(1.0, 20.0),
     },
+    weights_dir=TOY_WEIGHTS_DIR,
+    weights_hint="the toy weights ship with the package; recreate them with `ditmem toy train`",
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (WAN21_T2V_1_3B, TINY, TOY)}

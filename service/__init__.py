@@ -1,1 +1,5 @@
-"""HTTP service, settings and the `ditmem` command line."""
+"""The HTTP API: FastAPI app, routes, schemas, auth and the web UI.
+
+Imports ``runtime`` (and the core packages); never ``worker``: what runs jobs is handed to
+:func:`service.app.create_app` by the composition root (``ditmem.compose``).
+"""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -13,11 +13,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memory_bank.errors import BankError
 from model.errors import ModelError
+from runtime.jobs import OutdatedJobRecord
+from runtime.settings import Settings
 from service.auth import AuthError
 from service.errors import ApiError, to_api_error
 from service.limits import BodySizeLimit
 from service.routes import generations, health, jobs, memory, ui
-from service.settings import Settings
 from service.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -25,52 +26,16 @@ logger = logging.getLogger(__name__)
 LOCATIONS = ("body", "query", "path", "header")  # not part of a field's name
 
 
-def build_state(settings: Settings) -> AppState:
-    """Job store, dispatcher, bank and metrics for this process (and, embedded, the worker)."""
-    from service.jobs import MemoryJobStore, RedisJobStore
-    from service.metrics import LocalMetrics, RedisMetrics
-    from service.runtime import open_bank
+def create_app(settings: Settings, build_state: Callable[[Settings], AppState]) -> FastAPI:
+    """The API; ``build_state`` makes what it serves (job store, dispatcher, bank) at startup.
 
-    settings.results_dir.mkdir(parents=True, exist_ok=True)
-    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
-    bank = open_bank(settings)
-    if settings.redis_url:
-        from service.dispatch import CeleryDispatcher
-        from worker.celery_app import make_celery
-
-        store = RedisJobStore(settings.redis_url)
-        dispatcher = CeleryDispatcher(make_celery(settings), store.redis)
-        return AppState(settings, store, dispatcher, bank, "celery", RedisMetrics(store.redis))
-
-    # Embedded: the same runner as a worker, on a thread of this process.
-    from model.presets import get_preset
-    from service.dispatch import EmbeddedDispatcher
-    from service.runtime import build_ingestor, load_pipeline_from
-    from worker.embedded import EmbeddedWorker
-    from worker.runner import JobRunner
-
-    store = MemoryJobStore()
-    metrics = LocalMetrics()
-    pipe = load_pipeline_from(settings)
-    ingestor = build_ingestor(settings, bank, pipe)
-    ingestor.refresh_tokens()  # as a worker does at start: tokens of another encoder are stale
-    runner = JobRunner(
-        store, pipe, get_preset(settings.preset), bank, ingestor,
-        settings.results_dir, lease_s=settings.job_lease_s, name="embedded", metrics=metrics,
-    )  # fmt: skip
-    worker = EmbeddedWorker(runner)
-    state = AppState(settings, store, EmbeddedDispatcher(worker), bank, "embedded", metrics)
-    state.closers.append(worker.stop)
-    return state
-
-
-def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:
-    """The API. ``state`` may be injected (tests); otherwise it is built at startup."""
-    settings = settings or (state.settings if state else Settings())
+    The HTTP layer never decides how jobs run: the composition root (``ditmem.compose``) passes
+    a builder that connects Celery or starts an embedded worker.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.ditmem = state or build_state(settings)
+        app.state.ditmem = build_state(settings)
         try:
             yield
         finally:
@@ -133,7 +98,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     # Registered per class: handlers for bare Exception run in Starlette's outermost
     # middleware, which re-raises after responding; these return the response and stop there.
-    for known in (ApiError, AuthError, ModelError, BankError):
+    for known in (ApiError, AuthError, ModelError, BankError, OutdatedJobRecord):
         app.add_exception_handler(known, known_error)
 
     @app.exception_handler(Exception)

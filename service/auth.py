@@ -1,24 +1,14 @@
-"""API keys: bearer tokens, stored only as SHA-256 hashes in settings, with read/write scopes."""
+"""Who is calling: the bearer key of a request checked against the configured key hashes."""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import secrets
-from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-Scope = Literal["read", "write"]
+from runtime.keys import ApiKey, Scope, hash_key
+
 OPEN_MODE_CALLER = "local"
-
-
-class ApiKey(BaseModel):
-    """One configured key: who it is, the hash of the secret, and what it may do."""
-
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    scopes: set[Scope] = Field(default_factory=lambda: {"read"})
 
 
 class Caller(BaseModel):
@@ -35,14 +25,6 @@ class AuthError(Exception):
     def __init__(self, message: str, status: int = 401) -> None:
         super().__init__(message)
         self.status = status
-
-
-def hash_key(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def new_key() -> str:
-    return "dm_" + secrets.token_urlsafe(32)
 
 
 def authenticate(authorization: str | None, keys: list[ApiKey], open_mode: bool) -> Caller:

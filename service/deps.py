@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Header, Path, Query, Request
 
 from memory_bank.bank import MemoryBank
+from runtime.jobs import JobStore
+from runtime.settings import Settings
 from service.auth import AuthError, Caller, authenticate
-from service.jobs import JobStore
-from service.settings import Settings
 from service.state import AppState
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from memory_bank.errors import BankCorrupt, ClipNotFound, ClipRejected, IndexCorrupt
 from model.errors import InvalidClip, InvalidRequest, WeightsNotFound
+from runtime.jobs import OutdatedJobRecord
 from service.auth import AuthError
 
 
@@ -38,6 +39,7 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     WeightsNotFound: (503, "weights_not_found"),
     BankCorrupt: (503, "bank_unavailable"),
     IndexCorrupt: (503, "bank_unavailable"),
+    OutdatedJobRecord: (410, "job_record_outdated"),
 }
 
 

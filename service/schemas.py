@@ -5,45 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from memory_bank.schemas import ClipRecord, SearchHit
-from service.jobs import JobRecord, MemoryClipUsed
+from model.generation import GenerationParams
+from runtime.generation import GenerationRequest
+from runtime.jobs import GenerateSpec, JobRecord, MemoryClipUsed
 
-MAX_MEMORY_CLIPS = 16
-
-
-class MemoryOptions(BaseModel):
-    """Which reference clips steer the generation."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    k: int = Field(5, ge=0, le=MAX_MEMORY_CLIPS, description="clips to retrieve; 0 disables")
-    clip_ids: list[int] | None = Field(
-        None, max_length=MAX_MEMORY_CLIPS, description="use these clips instead of retrieving"
-    )
-    min_score: float | None = Field(None, ge=-1, le=1, description="drop weaker matches")
-
-
-class GenerateRequest(BaseModel):
-    """One video to generate. Unset fields take the preset's defaults; bounds are the preset's."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str = Field(min_length=1, max_length=2000)
-    negative_prompt: str | None = Field(None, max_length=2000)
-    num_frames: int | None = Field(None, ge=1, le=1024)
-    width: int | None = Field(None, ge=16, le=4096)
-    height: int | None = Field(None, ge=16, le=4096)
-    steps: int | None = Field(None, ge=1, le=1000)
-    guidance_scale: float | None = Field(None, ge=0, le=100)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    memory_guidance: bool | None = Field(
-        None,
-        description="memory in the conditional branch of classifier-free guidance only, so "
-        "guidance_scale amplifies it (default: the preset's)",
-    )
-    memory: MemoryOptions = Field(default_factory=MemoryOptions)
+# The request body of POST /generate is the shared request model: the CLI builds the same one.
+GenerateRequest = GenerationRequest
 
 
 class JobLinks(BaseModel):
@@ -62,6 +32,9 @@ class JobView(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    params: GenerationParams | None = Field(
+        description="the resolved parameters of a generation (seed included)"
+    )
     memory_used: list[MemoryClipUsed]
     result: dict[str, Any]
     error: str | None
@@ -70,6 +43,11 @@ class JobView(BaseModel):
     @classmethod
     def of(cls, job: JobRecord) -> JobView:
         base = f"/jobs/{job.job_id}"
+        params = job.spec.params if isinstance(job.spec, GenerateSpec) else None
+        # File names stay server-side; a client downloads through links.video.
+        result: dict[str, Any] = {} if params is None else {"seed": params.seed}
+        if job.result is not None:
+            result |= job.result.model_dump(exclude={"kind", "video", "record"})
         return cls(
             id=job.job_id,
             kind=job.kind,
@@ -80,8 +58,9 @@ class JobView(BaseModel):
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
-            memory_used=job.memory_used,
-            result={k: v for k, v in job.result.items() if k not in ("video", "record")},
+            params=params,
+            memory_used=list(job.memory_used),
+            result=result,
             error=job.error,
             links=JobLinks(
                 self=base, cancel=base, video=f"{base}/video" if job.kind == "generate" else None

@@ -1,15 +1,16 @@
-"""What the API process holds while it runs; built in the app's lifespan, reached via deps."""
+"""What the API process holds while it runs; built by the composition root, reached via deps."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal
 
 from memory_bank.bank import MemoryBank
-from service.dispatch import Dispatcher
-from service.jobs import JobStore
-from service.metrics import MetricsSink
-from service.settings import Settings
+from runtime.dispatch import Dispatcher
+from runtime.jobs import JobStore
+from runtime.metrics import MetricsSink
+from runtime.settings import Settings
 
 
 @dataclass
@@ -18,11 +19,7 @@ class AppState:
     store: JobStore
     dispatcher: Dispatcher
     bank: MemoryBank
-    mode: str  # "celery" or "embedded"
+    mode: Literal["celery", "embedded"]
     metrics: MetricsSink
-    closers: list[Any] = field(default_factory=list)
-
-    def workers_ready(self) -> int:
-        if self.mode == "embedded":
-            return 1
-        return len(self.store.workers_ready())
+    workers_ready: Callable[[], int]  # workers with a loaded model that can take jobs now
+    closers: list[Callable[[], None]] = field(default_factory=list)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.settings import Settings
+from runtime.settings import Settings
 
 
 def embedded_settings(root: Path, **overrides) -> Settings:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery, Task
 
-from worker.celery_app import GENERATE_TASK, INGEST_TASK
+from runtime.celery_app import GENERATE_TASK, INGEST_TASK
 from worker.runner import JobRunner
 
 

@@ -11,17 +11,20 @@ Evaluation uses motion-free prompts only.
 Run directory::
 
     checkpoints/step-000500/state.pt   model, EMA, optimizer, scheduler, step, RNG, loss history
-    transformer.safetensors            EMA weights (what the toy preset loads)
-    text_encoder.safetensors           the frozen random text encoder, float16
+    transformer/                       EMA weights (what the toy preset loads), a diffusers
+                                       model folder: config.json + diffusion_pytorch_model.*
+    text_encoder/                      the frozen random text encoder in float16, a
+                                       transformers model folder: config.json + model.safetensors
     loss.csv
+
+``ditmem toy train`` adds the memory encoder and the code-made parts (model_index.json,
+tokenizer/, scheduler/, vae/) to make the pipeline folder the toy preset serves.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -32,17 +35,18 @@ from pydantic import BaseModel, Field
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from model.atomic import atomic_path
 from model.injection import transformer_width
 from model.toy.components import (
     MAX_SEQUENCE_LENGTH,
-    TEXT_ENCODER_FILE,
-    TRANSFORMER_CONFIG_FILE,
+    TEXT_ENCODER_DIR,
     TRANSFORMER_FILE,
     PixelSpaceVAE,
     new_memory_encoder,
     new_text_encoder,
     new_transformer,
     pixels_to_latents,
+    save_text_encoder,
     toy_scheduler,
 )
 from model.toy.world import COLOURS, MOTIONS, prompt_for, render, sample_spec
@@ -116,14 +120,6 @@ def caption_states(
     return dict(zip(captions, states, strict=True))
 
 
-def _save_atomic(state: dict, folder: Path) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / "state.pt")
-    os.replace(tmp, folder)
-
-
 def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
     """Train (or continue training) the toy transformer; returns the exported weights file."""
     run_dir = config.run_dir
@@ -132,10 +128,7 @@ def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
 
     text_encoder = new_text_encoder(config.seed)
     _text_encoder_fp16_exact(text_encoder)
-    save_file(
-        {k: v.half().contiguous() for k, v in text_encoder.state_dict().items()},
-        run_dir / TEXT_ENCODER_FILE,
-    )
+    save_text_encoder(text_encoder, run_dir / TEXT_ENCODER_DIR)
     model = new_transformer(config.seed, **config.dit_config).train()
     states = caption_states(text_encoder, model)
     vae = PixelSpaceVAE()
@@ -226,7 +219,9 @@ def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
                 rng=dict(data=data_gen.get_state(), noise=noise_gen.get_state()),
                 config=config.model_dump(mode="json"),
             )
-            _save_atomic(state, run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{done:06d}")
+            with atomic_path(run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{done:06d}") as tmp:
+                tmp.mkdir()
+                torch.save(state, tmp / "state.pt")
             export_transformer(ema, run_dir / TRANSFORMER_FILE)
             write_loss_csv(run_dir / "loss.csv", history)
             for old in sorted((run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}[0-9]*"))[:-2]:
@@ -236,9 +231,11 @@ def train_backbone(config: BackboneTrainConfig, resume: bool = True) -> Path:
 
 
 def export_transformer(model: torch.nn.Module, path: Path) -> None:
-    """Weights to ``path`` and the architecture next to it (``transformer_config.json``)."""
-    config = path.parent / TRANSFORMER_CONFIG_FILE
-    config.write_text(json.dumps(dict(model.config), indent=2, default=list) + "\n")
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    """Weights to ``path`` and the architecture next to it (``config.json``).
+
+    ``path`` is ``<folder>/diffusion_pytorch_model.safetensors``: the folder is then a diffusers
+    model folder (``WanTransformer3DModel.from_pretrained`` loads it).
+    """
+    model.save_config(path.parent)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)

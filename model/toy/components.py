@@ -6,12 +6,14 @@ directly, so the "VAE" is :class:`PixelSpaceVAE`: an exact, parameter-free stand
 the real preset runs: ``WanTransformer3DModel``, our memory encoder and injection, and
 ``MemoryWanPipeline``.
 
-Shipped weights live in ``model/toy/weights/`` (see its ``README.md`` for how they were made).
+Shipped weights live in ``model/toy/weights/``, a diffusers pipeline folder that
+``MemoryWanPipeline.from_pretrained`` loads like any Wan2.1 folder (see its ``README.md`` for the
+files and how they were made).
 """
 
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
-from safetensors.torch import load_file
 from transformers import UMT5Config, UMT5EncoderModel
 
 from model.encoder import MemoryEncoder
@@ -31,10 +32,14 @@ from model.tiny import offline_tokenizer
 from model.toy.world import FRAMES, SIZE
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-TRANSFORMER_FILE = "transformer.safetensors"
-TRANSFORMER_CONFIG_FILE = "transformer_config.json"
-TEXT_ENCODER_FILE = "text_encoder.safetensors"
+# The subfolders of a toy weights folder that hold trained (or frozen random) tensors. A full
+# folder also has model_index.json, tokenizer/, scheduler/ and vae/ (write_pipeline_files).
+TRANSFORMER_DIR = "transformer"
+TEXT_ENCODER_DIR = "text_encoder"
 ENCODER_DIR = "memory_encoder"
+TRANSFORMER_FILE = f"{TRANSFORMER_DIR}/diffusion_pytorch_model.safetensors"
+TRANSFORMER_CONFIG_FILE = f"{TRANSFORMER_DIR}/config.json"
+TEXT_ENCODER_FILE = f"{TEXT_ENCODER_DIR}/model.safetensors"
 
 MAX_SEQUENCE_LENGTH = 12
 
@@ -103,6 +108,23 @@ class PixelSpaceVAE(ModelMixin, ConfigMixin):
         super().__init__()
         # Only so the pipeline can read a device and a dtype off this module.
         self.register_buffer("anchor", torch.zeros(()), persistent=False)
+        self.use_tiling = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **_):
+        """Build from ``config.json`` alone: there are no weights to read.
+
+        Pipeline loading passes dtype, device map and such; a parameter-free module ignores them.
+        """
+        config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder)
+        return cls.from_config(config)
+
+    def enable_tiling(self, *args: Any, **kwargs: Any) -> None:
+        """Accepted for the ``AutoencoderKLWan`` interface; the identity has nothing to tile."""
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         # Wan's VAE returns unnormalised latents; the caller normalises with latents_mean/std.
@@ -139,19 +161,6 @@ def new_transformer(seed: int = 0, **overrides: Any) -> WanTransformer3DModel:
         return WanTransformer3DModel(**(TOY_DIT_CONFIG | overrides))
 
 
-def _transformer_config(folder: Path) -> dict[str, Any]:
-    """The architecture recorded with the weights (defaults for anything not recorded)."""
-    path = folder / TRANSFORMER_CONFIG_FILE
-    if not path.is_file():
-        return {}
-    recorded = json.loads(path.read_text())
-    return {
-        k: tuple(v) if isinstance(v, list) else v
-        for k, v in recorded.items()
-        if k in TOY_DIT_CONFIG
-    }
-
-
 def new_text_encoder(seed: int = 0) -> UMT5EncoderModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -166,20 +175,55 @@ def new_memory_encoder(seed: int = 0, **overrides: Any) -> MemoryEncoder:
         return MemoryEncoder(**(TOY_ENCODER_CONFIG | overrides), filter_seed=seed)
 
 
-def _load_into(module: torch.nn.Module, path: Path) -> None:
+def save_text_encoder(text_encoder: UMT5EncoderModel, folder: str | Path) -> Path:
+    """The frozen text encoder as a transformers model folder, in float16 (half the size).
+
+    Round the weights through float16 first (the backbone does) and loading it back in float32
+    gives the very same tensors.
+    """
+    copy.deepcopy(text_encoder).half().save_pretrained(folder)
+    return Path(folder)
+
+
+def write_pipeline_files(pipe: Any, folder: str | Path) -> Path:
+    """``model_index.json`` and the parts that are code, not training: tokenizer/, scheduler/, vae/.
+
+    With transformer/, text_encoder/ (the backbone's) and memory_encoder/ next to them, the
+    folder is what :meth:`MemoryWanPipeline.from_pretrained` loads. ``model_index.json`` names
+    our own classes by module path (``model.toy.components``, ``model.encoder``); diffusers
+    resolves such names only from modules already imported, which ``model.loading`` sees to.
+    """
+    folder = Path(folder)
+    pipe.save_config(folder)
+    # Without the truncation and padding state the last call left behind (every pipeline call
+    # sets its own), so the file does not depend on what was tokenized before.
+    tokenizer = copy.deepcopy(pipe.tokenizer)
+    tokenizer.backend_tokenizer.no_truncation()
+    tokenizer.backend_tokenizer.no_padding()
+    tokenizer.save_pretrained(folder / "tokenizer")
+    pipe.scheduler.save_pretrained(folder / "scheduler")
+    pipe.vae.save_pretrained(folder / "vae")
+    return folder
+
+
+def _require(path: Path) -> None:
     if not path.is_file():
         raise WeightsNotFound(
             f"toy weights {path} are missing; they ship with the package "
             "(recreate them with `ditmem toy train`)"
         )
-    state = {k: v.float() for k, v in load_file(path).items()}
-    module.load_state_dict(state, strict=True)
 
 
 def build_toy_components(
     weights_dir: str | Path | None = None, *, memory_encoder: bool = True
 ) -> dict[str, Any]:
-    """Pipeline components with the trained toy weights from ``weights_dir``.
+    """Pipeline components with the trained toy weights from ``weights_dir``, built by hand.
+
+    Only the trained parts are read (``transformer/``, ``text_encoder/``, ``memory_encoder/``,
+    each by its own class); tokenizer, VAE and scheduler are made in code, so this also works on
+    a backbone run directory. Serving loads the whole folder with
+    ``MemoryWanPipeline.from_pretrained`` instead (``model.loading.load_pipeline``); both give
+    the same components.
 
     Without ``memory_encoder`` (a backbone still being trained) the encoder is freshly
     initialised.
@@ -187,10 +231,13 @@ def build_toy_components(
     from model.loading import load_memory_encoder
 
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    transformer = new_transformer(**_transformer_config(folder))
-    _load_into(transformer, folder / TRANSFORMER_FILE)
-    text_encoder = new_text_encoder()
-    _load_into(text_encoder, folder / TEXT_ENCODER_FILE)
+    _require(folder / TRANSFORMER_FILE)
+    _require(folder / TRANSFORMER_CONFIG_FILE)
+    transformer = WanTransformer3DModel.from_pretrained(
+        folder / TRANSFORMER_DIR, dtype=torch.float32
+    )
+    _require(folder / TEXT_ENCODER_FILE)
+    text_encoder = UMT5EncoderModel.from_pretrained(folder / TEXT_ENCODER_DIR, dtype=torch.float32)
     encoder = (
         load_memory_encoder(folder / ENCODER_DIR)
         if memory_encoder

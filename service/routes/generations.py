@@ -1,14 +1,14 @@
-"""POST /generate: validate against the preset, record the job, hand it to a worker."""
+"""POST /generate: resolve the request into the job to run, record it, hand it to a worker."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from model.generation import GenerationParams
 from model.presets import get_preset
+from runtime.generation import resolve_generation
+from runtime.jobs import JobRecord
 from service.deps import BankDep, CallerDep, StateDep
 from service.errors import ApiError
-from service.jobs import JobRecord
 from service.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView
 
 router = APIRouter(tags=["generate"])
@@ -23,13 +23,12 @@ router = APIRouter(tags=["generate"])
 def submit_generation(
     request: GenerateRequest, caller: CallerDep, state: StateDep, bank: BankDep
 ) -> JobAccepted:
-    """Queue one video. Poll ``links.self``; download ``links.video`` once it succeeded."""
-    preset = get_preset(state.settings.preset)
-    # Fail now, not on a worker: bounds of this preset, and pinned clips that do not exist.
-    # (seed 0 when unset: validation must not draw the random seed the worker will draw.)
-    GenerationParams.from_request(preset, request.model_dump() | {"seed": request.seed or 0})
-    if request.memory.clip_ids:
-        bank.store.get_many(list(request.memory.clip_ids))
+    """Queue one video. Poll ``links.self``; download ``links.video`` once it succeeded.
+
+    The job is resolved here, not on a worker: out-of-range parameters and unknown pinned clips
+    fail now, the seed is drawn now, and the memory clips are chosen now (``memory_used`` of
+    the job lists them from the start).
+    """
     queued = state.store.queued_count(caller.name)
     if queued >= state.settings.max_queued_per_key:
         raise ApiError(
@@ -37,10 +36,8 @@ def submit_generation(
             f"{queued} jobs already queued for '{caller.name}'; wait for some to finish",
             headers={"Retry-After": "10"},
         )  # fmt: skip
-    job = state.store.create(
-        JobRecord(kind="generate", owner=caller.name, request=request.model_dump())
-    )
+    spec = resolve_generation(request, get_preset(state.settings.preset), bank, state.metrics)
+    job = state.store.create(JobRecord.new(caller.name, spec))
     state.dispatcher.submit(job)
     state.metrics.increment("jobs_submitted_total", "generate")
-    view = JobView.of(job)
-    return JobAccepted(id=job.job_id, status=job.status, links=view.links)
+    return JobAccepted(id=job.job_id, status=job.status, links=JobView.of(job).links)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
+from runtime.metrics import render
 from service.deps import StateDep
-from service.metrics import render
 from service.schemas import Health
 
 router = APIRouter(tags=["health"])

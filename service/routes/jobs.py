@@ -7,17 +7,19 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
+from runtime.jobs import GenerateResult, JobRecord
+from service.auth import Caller
 from service.deps import CallerDep, Offset, StateDep
 from service.errors import JobNotFinished, JobNotFound
-from service.jobs import JobRecord
 from service.schemas import ErrorBody, JobPage, JobView
+from service.state import AppState
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 NOT_FOUND = {404: {"model": ErrorBody}}
 
 
-def _own_job(state, caller, job_id: str) -> JobRecord:
+def _own_job(state: AppState, caller: Caller, job_id: str) -> JobRecord:
     job = state.store.get(job_id)
     # Someone else's job is indistinguishable from no job.
     if job is None or job.owner != caller.name:
@@ -57,7 +59,7 @@ def cancel_job(job_id: str, caller: CallerDep, state: StateDep) -> JobView:
 def get_video(job_id: str, caller: CallerDep, state: StateDep) -> FileResponse:
     """The mp4 of a succeeded generation; supports ``Range`` requests for seeking."""
     job = _own_job(state, caller, job_id)
-    if job.kind != "generate" or job.status != "succeeded" or "video" not in job.result:
+    if job.status != "succeeded" or not isinstance(job.result, GenerateResult):
         raise JobNotFinished(job_id, job.status)
-    path = state.settings.results_dir / job.result["video"]
+    path = state.settings.results_dir / job.result.video
     return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, File, Form, Query, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
@@ -16,9 +17,9 @@ from memory_bank.ingest import MAX_CAPTION_CHARS, clean_tags
 from memory_bank.schemas import ClipRecord
 from model.errors import InvalidClip
 from model.preprocess import probe_clip
+from runtime.jobs import IngestSpec, JobRecord
 from service.deps import BankDep, CallerDep, ClipId, Offset, StateDep, WriterDep
 from service.errors import ApiError
-from service.jobs import JobRecord
 from service.schemas import (
     ClipView,
     ClipViewPage,
@@ -39,6 +40,11 @@ NOT_VIDEO_PREFIXES = (
     "image/png",
     "image/jpeg",
 )
+
+
+def _save_upload(source: BinaryIO, target: Path) -> None:
+    with open(target, "wb") as handle:
+        shutil.copyfileobj(source, handle, 1 << 20)
 
 
 def _view(record: ClipRecord) -> ClipView:
@@ -66,13 +72,13 @@ async def upload_clip(
         raise ApiError(
             422, "validation_error", "caption: must not be blank", [{"field": "caption"}]
         )
-    tag_list = list(clean_tags(tags.split(",")))
-    job = JobRecord(kind="ingest", owner=caller.name)
+    tag_list = tuple(clean_tags(tags.split(",")))
+    job_id = uuid.uuid4().hex
     suffix = Path(file.filename or "").suffix.lower()[:8] or ".bin"
-    upload = state.settings.uploads_dir / f"{job.job_id}{suffix}"
+    upload = state.settings.uploads_dir / f"{job_id}{suffix}"
     try:
-        with open(upload, "wb") as target:
-            await run_in_threadpool(shutil.copyfileobj, file.file, target, 1 << 20)
+        # Saving and probing block on disk and decoding: both run off the event loop.
+        await run_in_threadpool(_save_upload, file.file, upload)
         # Probing reads headers and one frame: cheap enough to answer "not a video" right away.
         await run_in_threadpool(probe_clip, upload)
     except InvalidClip as error:
@@ -82,12 +88,13 @@ async def upload_clip(
     except BaseException:
         upload.unlink(missing_ok=True)
         raise
-    job.request = {
-        "upload_path": str(upload),
-        "caption": caption.strip(),
-        "tags": tag_list,
-        "source_name": file.filename or upload.name,
-    }
+    spec = IngestSpec(
+        upload_path=str(upload),
+        caption=caption.strip(),
+        tags=tag_list,
+        source_name=file.filename or upload.name,
+    )
+    job = JobRecord.new(caller.name, spec, job_id=job_id)
     state.store.create(job)
     state.dispatcher.submit(job)
     state.metrics.increment("jobs_submitted_total", "ingest")
@@ -139,7 +146,7 @@ def get_clip(clip_id: ClipId, caller: CallerDep, bank: BankDep) -> ClipView:
 )
 def get_poster(clip_id: ClipId, caller: CallerDep, bank: BankDep) -> FileResponse:
     record = bank.get(clip_id)
-    path = bank.store.poster_path(record.content_hash)
+    path = bank.poster_path(record)
     if not path.is_file():
         raise ClipNotFound(f"clip {clip_id} has no poster frame")
     return FileResponse(path, media_type="image/jpeg")

@@ -1,4 +1,5 @@
-"""The web UI end to end: the real app (embedded worker, tiny preset) in Debian's Chromium.
+"""The web UI end to end: the real app as `ditmem serve` runs it by default (embedded worker,
+trained toy preset) in Debian's Chromium, so the screenshots show a real ball.
 
 Runs in the default suite. A missing /usr/bin/chromium is installed with
 ``scripts/install-browser.sh`` (apt, as root or with sudo), never skipped: Playwright only
@@ -17,10 +18,13 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from service.app import create_app
+from ditmem.compose import build_app
 from service.local_server import running_server
-from tests.embedded import SLOW_REQUEST, embedded_settings
-from tests.media import moving_square, write_clip
+import torch
+
+from ditmem.toy import write_toy_clip
+from model.toy.world import sample_spec
+from tests.embedded import embedded_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -33,11 +37,11 @@ CHROMIUM_ARGS = [
 # The README's screenshots are refreshed on request (DITMEM_SCREENSHOTS=1), so an ordinary test
 # run leaves the checkout untouched; otherwise they go to the test's temporary folder.
 REFRESH_SCREENSHOTS = os.environ.get("DITMEM_SCREENSHOTS") == "1"
-CAPTION = "a red ball rolling right"
-PROMPT = "a red ball rolling to the right"
-SLOW = {
-    "frames" if name == "num_frames" else name: str(value) for name, value in SLOW_REQUEST.items()
-}  # form fields
+CAPTION = "a red ball falling"
+PROMPT = "a red ball"  # says nothing of the motion: the memory clip does
+# A toy request that takes a few seconds on 2 CPU cores (form fields): long enough for the test
+# to cancel the job queued behind it.
+SLOW = {"width": "32", "height": "32", "steps": "20"}
 
 
 def ensure_chromium() -> Path:
@@ -54,7 +58,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(root: Path):
-    with running_server(create_app(embedded_settings(root))) as url:
+    with running_server(build_app(embedded_settings(root, preset="toy"))) as url:
         yield url
 
 
@@ -103,7 +107,8 @@ def no_horizontal_scroll(page: Page) -> bool:
 def test_ui_end_to_end(page: Page, root: Path) -> None:
     screenshots = REPO / "docs" / "images" if REFRESH_SCREENSHOTS else root / "screenshots"
     started = time.monotonic()
-    clip = write_clip(root / "red.mp4", moving_square("red", 1))
+    spec = sample_spec(torch.Generator().manual_seed(0), "red", "falling")
+    clip = write_toy_clip(spec, root / "red-falling.mkv")
     screenshots.mkdir(parents=True, exist_ok=True)
 
     # Memory: upload through the file picker, see it in the gallery.
@@ -138,7 +143,7 @@ def test_ui_end_to_end(page: Page, root: Path) -> None:
     expect(page.locator("#upload-file-name")).to_contain_text("dropped.mp4")
 
     # Generate: the retrieval preview follows the prompt.
-    fill_generate(page, PROMPT, frames="17", width="128", height="128", steps="4", seed="7")
+    fill_generate(page, PROMPT, seed="7")  # the preset's defaults for everything else
     preview = page.locator(f'#preview-list li[data-clip-id="{clip_id}"]')
     expect(preview).to_contain_text(CAPTION)
     expect(preview.locator(".score")).to_have_text(re.compile(r"^-?\d\.\d{3}$"))
@@ -173,11 +178,11 @@ def test_ui_end_to_end(page: Page, root: Path) -> None:
 
     # A slow job, canceled from the UI. Another slow job ahead of it keeps it waiting long enough
     # for the click, however fast this machine is.
-    fill_generate(page, "a slow green square", **SLOW)
+    fill_generate(page, "a slow green ball", **SLOW)
     page.get_by_role("button", name="Generate", exact=True).last.click()
-    fill_generate(page, "a slow blue square", **SLOW)
+    fill_generate(page, "a slow blue ball", **SLOW)
     page.get_by_role("button", name="Generate", exact=True).last.click()
-    slow = page.locator("#jobs-list li.job").filter(has_text="a slow blue square").first
+    slow = page.locator("#jobs-list li.job").filter(has_text="a slow blue ball").first
     expect(slow).to_have_attribute("data-status", re.compile("queued|running"))
     expect(slow.get_by_label(re.compile("step|queue"))).to_be_attached()
     slow.get_by_role("button", name="Cancel").click()

@@ -27,8 +27,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from ditmem.compose import build_app
+from runtime.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -143,12 +143,12 @@ class IntegrationEnv:
 
     def api(self) -> TestClient:
         """The API in this process; use as a context manager (runs the lifespan)."""
-        return TestClient(create_app(self.settings()))
+        return TestClient(build_app(self.settings()))
 
 
 @dataclass
 class WorkerProcess:
-    """``python -m service worker`` in a subprocess, logging to a file."""
+    """``python -m ditmem worker`` in a subprocess, logging to a file."""
 
     env: IntegrationEnv
     name: str
@@ -172,7 +172,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service", "--log-level", "INFO", "worker"],
+                [sys.executable, "-m", "ditmem", "--log-level", "INFO", "worker"],
                 cwd=REPO,
                 env=environment,
                 stdin=subprocess.DEVNULL,

@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from model.presets import TINY
 from model.video_io import read_video
-from service.jobs import RedisJobStore
+from runtime.celery_app import GENERATE_TASK, make_celery
+from runtime.jobs import RedisJobStore
 from tests.embedded import SLOW_REQUEST
 from tests.integration.conftest import (
     Stack,
@@ -22,7 +23,6 @@ from tests.integration.conftest import (
     wait_for_job,
 )
 from tests.media import moving_square, write_clip
-from worker.celery_app import GENERATE_TASK, make_celery
 
 pytestmark = pytest.mark.integration
 

@@ -40,7 +40,7 @@ def test_two_process_training_with_accelerate_launch(tmp_path: Path) -> None:
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "service", "--log-level", "INFO",
+        "-m", "ditmem", "--log-level", "INFO",
         "train", "--run-dir", str(run_dir), "--steps", "4", "--k", "2",
         "--checkpoint-every", "2", "--lr", "1e-3",
     ]  # fmt: skip

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from model.video_io import read_video
-from service.jobs import RedisJobStore
+from runtime.jobs import RedisJobStore
 from tests.embedded import SLOW_REQUEST
 from tests.integration.conftest import (
     VISIBILITY_TIMEOUT_S,

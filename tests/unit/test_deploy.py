@@ -22,8 +22,8 @@ import typer
 import yaml
 from pydantic_core import PydanticUndefined
 
-from service.cli import app as cli_app
-from service.settings import Settings
+from ditmem.cli import app as cli_app
+from runtime.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -388,7 +388,7 @@ def test_dockerfile_runs_as_the_shared_non_root_user(name):
 def test_dockerfile_entrypoint_is_ditmem(name, command):
     runtime = stages(DOCKERFILES[name])[-1]
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert re.search(r'^\[project\.scripts\]\s*ditmem = "service\.cli:app"', pyproject, re.M)
+    assert re.search(r'^\[project\.scripts\]\s*ditmem = "ditmem\.cli:app"', pyproject, re.M)
     entrypoint = exec_form(last(runtime, "ENTRYPOINT"))
     if name == "api":
         assert entrypoint == ["ditmem"]
@@ -401,7 +401,7 @@ def test_dockerfile_entrypoint_is_ditmem(name, command):
         )
         assert GPU_ENTRYPOINT.read_text().rstrip().endswith('exec ditmem "$@"')
         assert os.access(GPU_ENTRYPOINT, os.X_OK)
-    # The same commands the tests run as `python -m service serve|worker`.
+    # The same commands the tests run as `python -m ditmem serve|worker`.
     assert exec_form(last(runtime, "CMD")) == [command]
     assert command in cli_commands()
 
@@ -489,7 +489,10 @@ def test_dockerignore_keeps_what_the_images_copy_and_drops_the_rest():
             for source in [w for w in arguments.split() if not w.startswith("--")][:-1]:
                 assert (REPO / source).exists(), f"{name}: COPY {source}: no such path"
                 assert not dockerignored(source), f"{name}: COPY {source} is in .dockerignore"
-    for kept in ("service/cli.py", "model/pipeline.py", "worker/main.py", ".env.example"):
+    kept_paths = (
+        "ditmem/cli.py", "runtime/jobs.py", "model/pipeline.py", "worker/main.py", ".env.example",
+    )  # fmt: skip
+    for kept in kept_paths:
         assert not dockerignored(kept), kept
     for dropped in (
         ".git/HEAD", ".env", ".env.local", "outputs/demo.mp4", "data/bank/manifest.sqlite3",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from ditmem.compose import build_app
 from model.video_io import read_video
-from service.app import create_app
-from service.auth import ApiKey, hash_key
+from runtime.keys import ApiKey, hash_key
 from tests.embedded import SLOW_REQUEST, embedded_settings
 from tests.media import moving_square, write_clip
 
@@ -22,7 +22,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(root: Path):
-    with TestClient(create_app(embedded_settings(root, max_upload_mb=2))) as test_client:
+    with TestClient(build_app(embedded_settings(root, max_upload_mb=2))) as test_client:
         yield test_client
 
 
@@ -259,7 +259,7 @@ def keyed(tmp_path_factory):
             ApiKey(name="bob", sha256=hash_key(BOB), scopes={"read"}),
         ],
     )
-    with TestClient(create_app(settings)) as test_client:
+    with TestClient(build_app(settings)) as test_client:
         yield test_client
 
 

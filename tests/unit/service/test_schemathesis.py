@@ -6,7 +6,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from service.app import create_app
+from ditmem.compose import build_app
 from service.local_server import running_server
 from tests.embedded import embedded_settings
 
@@ -14,7 +14,7 @@ from tests.embedded import embedded_settings
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    app = create_app(embedded_settings(root, max_upload_mb=1, max_queued_per_key=5))
+    app = build_app(embedded_settings(root, max_upload_mb=1, max_queued_per_key=5))
     with running_server(app) as url:
         yield schemathesis.openapi.from_url(f"{url}/openapi.json")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import time
 from pathlib import Path
 
@@ -11,11 +12,14 @@ import pytest
 
 from memory_bank.bank import BankOptions, MemoryBank
 from memory_bank.embed import SentenceTransformerEmbedder
+from memory_bank.errors import ClipNotFound
 from memory_bank.ingest import ClipIngestor
+from model.errors import InvalidRequest
 from model.pipeline import MemoryWanPipeline
 from model.presets import TINY
 from model.tiny import build_tiny_components
-from service.jobs import JobRecord, MemoryJobStore
+from runtime.generation import GenerationRequest, resolve_generation
+from runtime.jobs import IngestSpec, JobRecord, MemoryJobStore
 from tests.media import moving_square, write_clip
 from worker.runner import JobRunner
 
@@ -38,8 +42,13 @@ def runner(parts) -> JobRunner:
 
 
 def generate_job(runner: JobRunner, **request) -> str:
-    job = JobRecord(kind="generate", owner="test", request={"prompt": "a ball", **request})
-    return runner.store.create(job).job_id
+    spec = resolve_generation(GenerationRequest(prompt="a ball", **request), TINY, runner.bank)
+    return runner.store.create(JobRecord.new("test", spec)).job_id
+
+
+def ingest_job(runner: JobRunner, upload: Path, caption: str, tags=()) -> str:
+    spec = IngestSpec(upload_path=str(upload), caption=caption, tags=tuple(tags))
+    return runner.store.create(JobRecord.new("test", spec)).job_id
 
 
 def test_a_job_runs_once_and_a_second_delivery_is_skipped(runner):
@@ -54,15 +63,31 @@ def test_a_job_runs_once_and_a_second_delivery_is_skipped(runner):
     assert (runner.results_dir / f"{job_id}.json").is_file()
 
 
-def test_a_job_running_under_a_live_lease_is_not_claimed_but_an_expired_one_is(runner):
+def test_a_job_running_under_a_live_lease_is_not_claimed_but_an_expired_one_is(runner, monkeypatch):
+    real_time = time.time
     job_id = generate_job(runner, memory={"k": 0})
     assert runner.store.claim(job_id, "other-worker", lease_s=60) is not None
     assert runner.run(job_id) == "skipped (running)"
 
-    runner.store.update(job_id, lease_until=time.time() - 1)  # that worker died
+    # That worker died: its lease runs out, and the job may run again.
+    monkeypatch.setattr(time, "time", lambda: real_time() + 61)
     assert runner.run(job_id) == "succeeded"
     job = runner.store.get(job_id)
     assert job.attempts == 2 and job.worker == runner.name
+
+
+def test_a_stale_attempt_can_neither_report_nor_finish(runner):
+    job_id = generate_job(runner, memory={"k": 0})
+    first = runner.store.claim(job_id, "frozen-worker", lease_s=-1)  # expired at once
+    second = runner.store.claim(job_id, "other-worker", lease_s=60)
+    assert (first.attempts, second.attempts) == (1, 2)
+    assert runner.store.report_progress(job_id, first.attempts, 1, 2, 60) == "lost"
+    assert runner.store.finish(job_id, first.attempts, "failed", error="stale") is None
+    assert runner.store.report_progress(job_id, second.attempts, 1, 2, 60) == "continue"
+    runner.store.request_cancel(job_id)
+    assert runner.store.report_progress(job_id, second.attempts, 2, 2, 60) == "cancel"
+    finished = runner.store.finish(job_id, second.attempts, "canceled")
+    assert finished.status == "canceled" and finished.error is None
 
 
 def test_a_cancelled_queued_job_never_runs(runner):
@@ -72,25 +97,41 @@ def test_a_cancelled_queued_job_never_runs(runner):
     assert runner.store.get(job_id).started_at is None
 
 
-def test_bad_requests_fail_the_job_with_their_message(runner):
-    job_id = generate_job(runner, steps=99)
+def test_bad_requests_are_refused_before_they_become_jobs(runner):
+    with pytest.raises(InvalidRequest, match="steps=99"):
+        generate_job(runner, steps=99)
+    with pytest.raises(ClipNotFound, match="424242"):
+        generate_job(runner, memory={"clip_ids": [424242]})
+
+
+def test_a_pinned_clip_deleted_before_the_job_runs_fails_it_with_its_id(runner, tmp_path):
+    upload = write_clip(tmp_path / "doomed.mp4", moving_square("blue", 1))
+    assert runner.run(ingest_job(runner, upload, "a doomed square")) == "succeeded"
+    clip_id = max(r.clip_id for r in runner.bank.list(limit=200).items)
+    job_id = generate_job(runner, memory={"clip_ids": [clip_id]})
+    assert [m.clip_id for m in runner.store.get(job_id).memory_used] == [clip_id]
+    runner.bank.delete(clip_id)
     assert runner.run(job_id) == "failed"
-    assert "steps=99" in runner.store.get(job_id).error
-    pinned = generate_job(runner, memory={"clip_ids": [424242]})
-    assert runner.run(pinned) == "failed"
-    assert "424242" in runner.store.get(pinned).error
+    assert str(clip_id) in runner.store.get(job_id).error
+
+
+def test_the_job_runs_the_seed_and_parameters_it_was_accepted_with(runner):
+    job_id = generate_job(runner, memory={"k": 0}, steps=3)
+    accepted = runner.store.get(job_id)
+    assert accepted.total_steps == 3 and 0 <= accepted.spec.params.seed < 2**31
+    assert runner.run(job_id) == "succeeded"
+    finished = runner.store.get(job_id)
+    assert (finished.step, finished.progress) == (3, 1.0)
+    record = json.loads((runner.results_dir / finished.result.record).read_text())
+    assert record["params"] == accepted.spec.params.model_dump()
+    assert record["job_id"] == job_id and record["memory"] == []
 
 
 def test_ingest_jobs_add_the_clip_and_remove_the_upload(runner, tmp_path):
     upload = write_clip(tmp_path / "upload.mp4", moving_square("yellow", -1))
-    job = JobRecord(
-        kind="ingest",
-        owner="test",
-        request={"upload_path": str(upload), "caption": "a yellow square", "tags": ["y"]},
-    )
-    job_id = runner.store.create(job).job_id
+    job_id = ingest_job(runner, upload, "a yellow square", ["y"])
     assert runner.run(job_id) == "succeeded"
-    clip_id = runner.store.get(job_id).result["clip_id"]
+    clip_id = runner.store.get(job_id).result.clip_id
     assert runner.bank.get(clip_id).tags == ["y"]
     assert not upload.exists()
 
@@ -104,10 +145,7 @@ def _rss_mib() -> float:
 
 def test_memory_stays_flat_over_twenty_jobs(runner, tmp_path):
     clip = write_clip(tmp_path / "ref.mp4", moving_square("red"))
-    ingest = JobRecord(
-        kind="ingest", owner="t", request={"upload_path": str(clip), "caption": "red"}
-    )
-    runner.run(runner.store.create(ingest).job_id)
+    runner.run(ingest_job(runner, clip, "red"))
     samples = []
     for index in range(20):
         job_id = generate_job(runner, seed=index, memory={"k": 1})

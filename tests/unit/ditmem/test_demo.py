@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from PIL import Image
 
+from ditmem.demo import QUERY, run_demo
 from model.presets import TOY
 from model.video_io import read_video
-from service.demo import QUERY, run_demo
 from tests.embedded import embedded_settings
 
 

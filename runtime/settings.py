@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -9,7 +13,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.auth import ApiKey
+from runtime.keys import ApiKey
+
+logger = logging.getLogger(__name__)
+ENV_PREFIX = "DITMEM_"
 
 
 class Settings(BaseSettings):
@@ -19,9 +26,10 @@ class Settings(BaseSettings):
     it up on the host would point local runs at them. Pass ``_env_file=...`` to read one.
     """
 
-    model_config = SettingsConfigDict(env_prefix="DITMEM_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    preset: Literal["tiny", "toy", "wan2.1-t2v-1.3b"] = "tiny"
+    # toy: trained weights ship in the repository, so a fresh clone serves a working model.
+    preset: Literal["tiny", "toy", "wan2.1-t2v-1.3b"] = "toy"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     wan_path: Path | None = Field(None, description="local Wan2.1-T2V-1.3B-Diffusers folder")
     dit_mem_path: Path | None = Field(None, description="local DiT-Mem-1.3B.safetensors")
@@ -92,6 +100,42 @@ class Settings(BaseSettings):
                 "(local weights; nothing is downloaded)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _warn_about_unknown_variables(self) -> Settings:
+        for problem in unknown_variables(os.environ):
+            if problem not in _warned:
+                _warned.add(problem)
+                logger.warning("%s", problem)
+        return self
+
+
+_warned: set[str] = set()
+# Read by the deployment around ditmem (compose, images, scripts, tests), not by a setting.
+NOT_SETTINGS = frozenset(
+    f"{ENV_PREFIX}{name}"
+    for name in (
+        "WEIGHTS_DIR", "API_IMAGE", "WORKER_IMAGE", "REDIS_PASSWORD", "GPU_WORKERS",
+        "GPU_LOCK_DIR", "SERVICES", "VENV", "FIXTURES", "SCREENSHOTS",
+    )
+)  # fmt: skip
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One message per ``DITMEM_*`` variable that no setting reads, naming the closest one.
+
+    A typo (``DITMEM_PRESETT``) would otherwise be ignored in silence and the default used.
+    """
+    known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+    problems = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in NOT_SETTINGS:
+            continue
+        closest = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {closest[0]}?" if closest else ""
+        problems.append(f"environment variable {name} is not a ditmem setting{hint}")
+    return problems
 
 
 @lru_cache

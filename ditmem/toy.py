@@ -308,16 +308,17 @@ def colour_prompt(record) -> str:
 def train_toy(config: ToyTrainConfig, report: Report = logger.info) -> Path:
     """Train the toy backbone, then its memory encoder with the backbone frozen; resumable.
 
-    Returns the folder with the three weight files the ``toy`` preset loads.
+    Returns the pipeline folder the ``toy`` preset loads (``load_pipeline("toy", wan_path=...)``
+    serves it as it is; ``model/toy/weights/README.md`` lists its files).
     """
     from model.loading import save_memory_encoder
     from model.toy.backbone import BackboneTrainConfig, train_backbone
     from model.toy.components import (
         ENCODER_DIR,
-        TEXT_ENCODER_FILE,
-        TRANSFORMER_CONFIG_FILE,
-        TRANSFORMER_FILE,
+        TEXT_ENCODER_DIR,
+        TRANSFORMER_DIR,
         build_toy_components,
+        write_pipeline_files,
     )
     from model.training import TrainConfig, train_encoder
 
@@ -372,9 +373,15 @@ def train_toy(config: ToyTrainConfig, report: Report = logger.info) -> Path:
 
     weights = run_dir / "weights"
     weights.mkdir(parents=True, exist_ok=True)
-    for name in (TRANSFORMER_FILE, TRANSFORMER_CONFIG_FILE, TEXT_ENCODER_FILE):
-        shutil.copy2(backbone_dir / name, weights / name)
+    for name in (TRANSFORMER_DIR, TEXT_ENCODER_DIR):  # the backbone's files, byte for byte
+        shutil.copytree(
+            backbone_dir / name,
+            weights / name,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns(".*"),  # an interrupted write's hidden temporaries
+        )
     save_memory_encoder(pipe.memory_encoder, weights / ENCODER_DIR)
+    write_pipeline_files(pipe, weights)  # model_index.json, tokenizer/, scheduler/, vae/
     (weights / "training.json").write_text(config.model_dump_json(indent=2) + "\n")
     report(f"weights in {weights}")
     return weights

@@ -1,19 +1,49 @@
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from runtime.settings import Settings, unknown_variables
 
 
-def test_defaults_run_the_tiny_preset_without_weights(monkeypatch: pytest.MonkeyPatch):
+def test_defaults_serve_the_trained_toy_preset_without_weight_paths(
+    monkeypatch: pytest.MonkeyPatch,
+):
     for name in ("DITMEM_PRESET", "DITMEM_WAN_PATH", "DITMEM_DIT_MEM_PATH"):
         monkeypatch.delenv(name, raising=False)
     settings = Settings(_env_file=None)
-    assert settings.preset == "tiny"
+    assert settings.preset == "toy"
     assert settings.wan_path is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "suggestion"),
+    [("DITMEM_PRESETT", "DITMEM_PRESET"), ("DITMEM_DATA_DIR", "DITMEM_BANK_DIR")],
+)
+def test_a_variable_no_setting_reads_is_a_warning_naming_the_closest_setting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, variable, suggestion
+):
+    monkeypatch.setenv(variable, "x")
+    assert unknown_variables(os.environ) == [
+        f"environment variable {variable} is not a ditmem setting; did you mean {suggestion}?"
+    ]
+    with caplog.at_level(logging.WARNING, logger="runtime.settings"):
+        Settings(_env_file=None)
+    assert any(variable in r.getMessage() and suggestion in r.getMessage() for r in caplog.records)
+
+
+def test_settings_and_deployment_variables_are_not_reported():
+    environ = {
+        "DITMEM_PRESET": "toy", "DITMEM_JOB_LEASE_S": "5", "DITMEM_WEIGHTS_DIR": "/w",
+        "DITMEM_ZZZZZZZZ": "1", "HOME": "/root",
+    }  # fmt: skip
+    assert unknown_variables(environ) == [
+        "environment variable DITMEM_ZZZZZZZZ is not a ditmem setting"
+    ]
 
 
 def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from memory_bank.errors import BankError
 from model.errors import ModelError
-from service.settings import Settings
+from runtime.settings import Settings
 
 app = typer.Typer(
     name="ditmem",
@@ -77,7 +77,8 @@ def generate(
         typer.Option(help="Reference clip(s) whose memory steers the generation; repeatable."),
     ] = None,
     retrieve: Annotated[
-        int, typer.Option(help="Also retrieve this many clips from the memory bank (0: none).")
+        int,
+        typer.Option(min=0, max=16, help="Also retrieve this many clips from the bank (0: none)."),
     ] = 0,
     bank: BankOption = None,
     negative_prompt: Annotated[str | None, typer.Option()] = None,
@@ -99,11 +100,15 @@ def generate(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
 ) -> None:
     """Generate one video and print where it was written."""
-    from model.generation import GenerationParams, clip_tokens_from_files, generate
+    from memory_bank.bank import MemoryBank
     from model.presets import get_preset
-    from model.tokens import ClipTokens
-    from model.video_io import write_video
-    from service.runtime import load_pipeline_from, open_bank
+    from runtime.builders import load_pipeline_from, open_bank
+    from runtime.generation import (
+        GenerationRequest,
+        MemoryOptions,
+        resolve_generation,
+        run_generation,
+    )
 
     with user_errors():
         settings = _settings(
@@ -111,39 +116,26 @@ def generate(
             bank_dir=bank,
         )  # fmt: skip
         chosen = get_preset(settings.preset)
-        params = GenerationParams.from_request(
-            chosen,
-            dict(
-                prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
-                num_frames=frames, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                memory_guidance=memory_guidance,
-            ),
+        request = GenerationRequest(
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_frames=frames, steps=steps, guidance_scale=guidance_scale, seed=seed,
+            memory_guidance=memory_guidance, memory=MemoryOptions(k=retrieve),
         )  # fmt: skip
-        if retrieve < 0 or retrieve > 16:
-            raise ValueError(f"--retrieve={retrieve} is outside [0, 16]")
-        pipe = load_pipeline_from(settings)
-        groups = [clip_tokens_from_files(pipe, chosen, memory)] if memory else []
-        retrieved = []
-        if retrieve:
-            with open_bank(settings) as opened:
-                retrieved = opened.search(params.prompt, retrieve)
-                if retrieved:
-                    version = pipe.memory_encoder.fingerprint()
-                    ids = [hit.clip_id for hit in retrieved]
-                    groups.append(opened.clip_tokens(ids, version))
-        clips = ClipTokens.stack(groups) if groups else None
+        with contextlib.ExitStack() as resources:
+            opened: MemoryBank | None = None
+            if retrieve:
+                opened = resources.enter_context(open_bank(settings))
+            spec = resolve_generation(request, chosen, opened)
+            pipe = load_pipeline_from(settings)
 
-        def report(step: int, total: int) -> None:
-            typer.echo(f"step {step}/{total}", err=True)
+            def report(step: int, total: int) -> None:
+                typer.echo(f"step {step}/{total}", err=True)
 
-        result = generate(pipe, chosen, params, clips, on_progress=report)
-    path = write_video(result.frames, out, fps=chosen.fps, scale=chosen.display_scale)
-    record = result.record() | {
-        "retrieved": [hit.model_dump() for hit in retrieved],
-        "memory_files": [str(p) for p in memory or []],
-    }
-    path.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    typer.echo(str(path.resolve()))
+            output = run_generation(
+                pipe, chosen, spec, out, bank=opened, memory_files=memory or [],
+                on_progress=report,
+            )  # fmt: skip
+    typer.echo(str(output.video.resolve()))
 
 
 # -- memory bank -----------------------------------------------------------------------------
@@ -158,7 +150,7 @@ def memory_add(
     preset: PresetOption = None,
 ) -> None:
     """Add one clip; prints its id (an identical file already in the bank keeps its id)."""
-    from service.runtime import build_ingestor, load_pipeline_from, open_bank
+    from runtime.builders import build_ingestor, load_pipeline_from, open_bank
 
     with user_errors():
         settings = _settings(bank_dir=bank, preset=preset)
@@ -179,7 +171,7 @@ def memory_import(
 ) -> None:
     """Import a folder of clips; re-running it skips what is already in the bank."""
     from memory_bank.bulk import import_folder
-    from service.runtime import build_ingestor, load_pipeline_from, open_bank
+    from runtime.builders import build_ingestor, load_pipeline_from, open_bank
 
     with user_errors():
         if not captions.is_file():
@@ -206,7 +198,7 @@ def memory_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List clips, newest first."""
-    from service.runtime import open_bank
+    from runtime.builders import open_bank
 
     with user_errors(), open_bank(_settings(bank_dir=bank)) as opened:
         page = opened.list(offset=offset, limit=limit, tag=tag)
@@ -227,7 +219,7 @@ def memory_search(
     bank: BankOption = None,
 ) -> None:
     """Show the clips a prompt would retrieve, with their scores."""
-    from service.runtime import open_bank
+    from runtime.builders import open_bank
 
     with user_errors(), open_bank(_settings(bank_dir=bank)) as opened:
         hits = opened.search(query, k, min_score=min_score)
@@ -241,7 +233,7 @@ def memory_rm(
     bank: BankOption = None,
 ) -> None:
     """Delete a clip: its row, files and index entries."""
-    from service.runtime import open_bank
+    from runtime.builders import open_bank
 
     with user_errors(), open_bank(_settings(bank_dir=bank)) as opened:
         record = opened.delete(clip_id)
@@ -251,7 +243,7 @@ def memory_rm(
 @memory_app.command("retoken")
 def memory_retoken(bank: BankOption = None, preset: PresetOption = None) -> None:
     """Recompute cached memory tokens for the configured encoder (after an encoder change)."""
-    from service.runtime import build_ingestor, load_pipeline_from, open_bank
+    from runtime.builders import build_ingestor, load_pipeline_from, open_bank
 
     with user_errors():
         settings = _settings(bank_dir=bank, preset=preset)
@@ -268,7 +260,7 @@ def memory_retoken(bank: BankOption = None, preset: PresetOption = None) -> None
 @index_app.command("rebuild")
 def index_rebuild(bank: BankOption = None) -> None:
     """Rebuild every index of the bank from its manifest."""
-    from service.runtime import open_bank
+    from runtime.builders import open_bank
 
     with user_errors(), open_bank(_settings(bank_dir=bank)) as opened:
         size = opened.rebuild_index()
@@ -286,15 +278,13 @@ def serve(
     bank: BankOption = None,
 ) -> None:
     """Serve the HTTP API; without DITMEM_REDIS_URL jobs run in this process (embedded mode)."""
-    import uvicorn
-
-    from service.app import create_app
+    from ditmem.compose import serve as serve_api
 
     with user_errors():
         settings = _settings(host=host, port=port, preset=preset, bank_dir=bank)
     mode = "celery workers" if settings.redis_url else "embedded worker (no DITMEM_REDIS_URL)"
     typer.echo(f"ditmem API on http://{settings.host}:{settings.port} ({mode})", err=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    serve_api(settings)
 
 
 @app.command()
@@ -306,7 +296,7 @@ def worker(
     bank: BankOption = None,
 ) -> None:
     """Run a Celery worker: loads the model once in this process, then serves jobs one by one."""
-    from worker.main import run_worker
+    from ditmem.compose import run_worker
 
     with user_errors():
         settings = _settings(preset=preset, bank_dir=bank)
@@ -321,21 +311,26 @@ def demo(
         "outputs/demo"
     ),
     k: Annotated[int, typer.Option(min=1, max=8, help="Memory clips to retrieve.")] = 3,
-    seed: int = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seeds the bank's clips and the first of the 4 videos.")
+    ] = 0,
 ) -> None:
     """Toy world: retrieve clips of a falling ball, generate "a red ball" with and without them."""
     import shutil
 
-    from service.demo import run_demo
+    from ditmem.demo import run_demo
 
     # A fresh bank each run: the demo seeds it and shows exactly what it seeded.
     shutil.rmtree(out / "bank", ignore_errors=True)
     with user_errors():
-        settings = _settings(
+        # Always embedded, whatever DITMEM_REDIS_URL says: the demo is one process.
+        settings = Settings(
             preset="toy", redis_url=None, bank_dir=out / "bank",
             results_dir=out / "results", uploads_dir=out / "uploads",
         )  # fmt: skip
-        result = run_demo(settings, out, report=lambda line: typer.echo(line, err=True), k=k)
+        result = run_demo(
+            settings, out, report=lambda line: typer.echo(line, err=True), k=k, seed=seed
+        )
     for path in result.with_memory + result.without_memory:
         typer.echo(str(path.resolve()))
     typer.echo(f"frame strip: {result.strip.resolve()}")
@@ -344,24 +339,20 @@ def demo(
 @app.command()
 def doctor(preset: PresetOption = None) -> None:
     """Check torch/CUDA, faiss, weights, Redis and storage for the current settings."""
-    from service.doctor import run_checks
+    from ditmem.doctor import run_checks
 
     with user_errors():
         settings = _settings(preset=preset)
     checks = run_checks(settings)
     for check in checks:
-        mark = (
-            typer.style("ok  ", fg=typer.colors.GREEN)
-            if check.ok
-            else typer.style("FAIL", fg=typer.colors.RED)
-        )
+        if check.ok:
+            mark = typer.style("ok  ", fg=typer.colors.GREEN)
+        elif check.fatal:
+            mark = typer.style("FAIL", fg=typer.colors.RED)
+        else:
+            mark = typer.style("warn", fg=typer.colors.YELLOW)
         typer.echo(f"{mark} {check.name:<20} {check.detail}")
-    # No CUDA is only fatal for presets that need a GPU to be useful.
-    cpu_presets = ("tiny", "toy")
-    fatal = [
-        c for c in checks if not c.ok and (c.name != "cuda" or settings.preset not in cpu_presets)
-    ]
-    raise typer.Exit(code=1 if fatal else 0)
+    raise typer.Exit(code=1 if any(c.fatal and not c.ok for c in checks) else 0)
 
 
 @app.command()
@@ -383,7 +374,7 @@ def train(
 ) -> None:
     """Train the memory encoder on the bank with the backbone frozen (accelerate-ready)."""
     from model.training import TrainConfig, train_encoder
-    from service.runtime import load_pipeline_from, open_bank
+    from runtime.builders import load_pipeline_from, open_bank
 
     with user_errors():
         settings = _settings(bank_dir=bank, preset=preset)
@@ -430,7 +421,7 @@ def encoder_calibrate(
     """Recompute the encoder's BatchNorm statistics over the bank's latents and save it."""
     from model.calibration import calibrate_batchnorm
     from model.loading import save_memory_encoder
-    from service.runtime import load_pipeline_from, open_bank
+    from runtime.builders import load_pipeline_from, open_bank
 
     with user_errors():
         settings = _settings(bank_dir=bank, preset=preset)
@@ -459,7 +450,7 @@ def toy_train(
     seed: int = 0,
 ) -> None:
     """Train the toy backbone, then its memory encoder (frozen backbone); resumes by itself."""
-    from service.toy import ToyTrainConfig, train_toy
+    from ditmem.toy import ToyTrainConfig, train_toy
 
     with user_errors():
         config = ToyTrainConfig(
@@ -488,9 +479,9 @@ def toy_eval(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
     """Motion and colour accuracy without memory, with right- and with wrong-motion memory."""
+    from ditmem.toy import ToyEvalConfig, run_toy_eval
     from model.pipeline import MemoryWanPipeline
     from model.toy.components import build_toy_components
-    from service.toy import ToyEvalConfig, run_toy_eval
 
     with user_errors():
         choices = {} if memory_guidance is None else {"memory_guidance": memory_guidance}
@@ -518,7 +509,7 @@ def keys_new(
     write: Annotated[bool, typer.Option(help="Allow memory bank changes.")] = False,
 ) -> None:
     """Print a new secret key and the DITMEM_API_KEYS entry that stores only its hash."""
-    from service.auth import ApiKey, hash_key, new_key
+    from runtime.keys import ApiKey, hash_key, new_key
 
     secret = new_key()
     entry = ApiKey(

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from ditmem.cli import app
 from tests.media import moving_square, write_clip
 
 
 @pytest.fixture
 def runner(monkeypatch, tmp_path) -> CliRunner:
     monkeypatch.setenv("DITMEM_BANK_DIR", str(tmp_path / "bank"))
-    monkeypatch.delenv("DITMEM_PRESET", raising=False)
+    monkeypatch.setenv("DITMEM_PRESET", "tiny")  # not the default toy: fast plumbing
     return CliRunner()
 
 
@@ -70,7 +70,7 @@ def test_generate_retrieves_from_the_bank(runner, videos, tmp_path):
 
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["num_memory_clips"] == 1
-    assert record["retrieved"][0]["caption"] == "a red ball"
+    assert record["memory"][0]["caption"] == "a red ball"
 
 
 def test_import_folder(runner, videos, tmp_path):

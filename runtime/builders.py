@@ -12,7 +12,7 @@ from memory_bank.index import IndexConfig
 from memory_bank.ingest import ClipIngestor, IngestLimits
 from model.pipeline import MemoryWanPipeline
 from model.presets import get_preset
-from service.settings import Settings
+from runtime.settings import Settings
 
 
 def load_pipeline_from(settings: Settings) -> MemoryWanPipeline:

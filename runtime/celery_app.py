@@ -1,13 +1,17 @@
-"""The Celery application: Redis broker and result backend, GPU-friendly worker settings."""
+"""The Celery application: Redis broker and result backend, GPU-friendly worker settings.
+
+Shared by the API (which sends tasks) and the workers (which register and serve them).
+"""
 
 from __future__ import annotations
 
 from celery import Celery
 
-from service.settings import Settings
+from runtime.settings import Settings
 
 GENERATE_TASK = "ditmem.generate"
 INGEST_TASK = "ditmem.ingest"
+TASKS = {"generate": GENERATE_TASK, "ingest": INGEST_TASK}  # by job kind
 QUEUES = {GENERATE_TASK: "generate", INGEST_TASK: "ingest"}
 
 

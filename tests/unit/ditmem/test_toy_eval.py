@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from ditmem.toy import ToyEvalConfig, run_toy_eval
 from model.pipeline import MemoryWanPipeline
 from model.toy.components import build_toy_components, new_memory_encoder
-from service.toy import ToyEvalConfig, run_toy_eval
 
 
 def toy_pipe(**overrides) -> MemoryWanPipeline:

@@ -10,15 +10,17 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from ditmem.cli import app
 from model.video_io import read_video
-from service.cli import app
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    for name in ("DITMEM_PRESET", "DITMEM_WAN_PATH", "DITMEM_DIT_MEM_PATH"):
+    # The default preset is toy; these plumbing tests ask for the faster tiny one.
+    monkeypatch.setenv("DITMEM_PRESET", "tiny")
+    for name in ("DITMEM_WAN_PATH", "DITMEM_DIT_MEM_PATH"):
         monkeypatch.delenv(name, raising=False)
     return CliRunner()
 
@@ -120,12 +122,17 @@ def test_missing_wan_folder_names_the_missing_part(runner: CliRunner, tmp_path: 
 def test_module_entry_point_runs_as_a_separate_process(tmp_path: Path):
     out = tmp_path / "cli.mp4"
     completed = subprocess.run(
-        [sys.executable, "-m", "service", "generate", "--prompt", "a cat", "--out", str(out)],
+        [sys.executable, "-m", "ditmem", "generate", "--prompt", "a cat", "--out", str(out)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        env={
+            "PYTHONPATH": str(REPO_ROOT),
+            "PATH": "/usr/bin:/bin",
+            "HF_HUB_OFFLINE": "1",
+            "DITMEM_PRESET": "tiny",
+        },  # fmt: skip
     )
     assert completed.returncode == 0, completed.stderr
     assert Path(completed.stdout.strip().splitlines()[-1]) == out.resolve()

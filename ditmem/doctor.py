@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.settings import Settings
+from runtime.settings import Settings, unknown_variables
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    fatal: bool = True  # a failed non-fatal check is a warning: ditmem still runs
 
 
 def _version(package: str) -> str | None:
@@ -23,7 +25,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def check_torch() -> list[Check]:
+def check_torch(settings: Settings) -> list[Check]:
     import torch
 
     checks = [Check("torch", True, torch.__version__)]
@@ -31,7 +33,9 @@ def check_torch() -> list[Check]:
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         checks.append(Check("cuda", True, f"CUDA {torch.version.cuda}: {', '.join(names)}"))
     else:
-        checks.append(Check("cuda", False, "no CUDA device visible (CPU only: tiny preset)"))
+        # Only fatal for presets that need a GPU to be useful.
+        fatal = settings.preset not in ("tiny", "toy")
+        checks.append(Check("cuda", False, "no CUDA device visible (CPU only)", fatal=fatal))
     return checks
 
 
@@ -45,16 +49,26 @@ def check_faiss() -> Check:
 
 def check_weights(settings: Settings) -> list[Check]:
     from model.errors import WeightsNotFound
-    from model.loading import check_wan_folder
+    from model.loading import check_pipeline_folder
+    from model.presets import get_preset
 
-    if settings.preset == "tiny":
-        return [Check("weights", True, "tiny preset: seeded random weights, nothing to load")]
+    preset = get_preset(settings.preset)
+    if preset.seeded_components is not None:
+        return [Check("weights", True, f"{preset.name} preset: seeded weights, nothing to load")]
+    folder = settings.wan_path or preset.weights_dir
     checks = []
-    try:
-        check_wan_folder(Path(settings.wan_path))
-        checks.append(Check("wan weights", True, str(settings.wan_path)))
-    except WeightsNotFound as error:
-        checks.append(Check("wan weights", False, str(error)))
+    if folder is None:
+        checks.append(Check("weights", False, f"no pipeline folder: {preset.weights_hint}"))
+    else:
+        try:
+            check_pipeline_folder(Path(folder), preset.weights_hint, kind=f"{preset.name}")
+            checks.append(Check("weights", True, str(folder)))
+        except WeightsNotFound as error:
+            checks.append(Check("weights", False, str(error)))
+    if settings.dit_mem_path is None:
+        if preset.weights_dir is None:  # a folder the user brings carries no DiT-Mem encoder
+            checks.append(Check("dit-mem checkpoint", False, "DITMEM_DIT_MEM_PATH is not set"))
+        return checks
     dit_mem = Path(settings.dit_mem_path)
     if dit_mem.is_file() or (dit_mem / "config.json").is_file():
         size = dit_mem.stat().st_size if dit_mem.is_file() else 0
@@ -102,6 +116,13 @@ def _writable(folder: Path) -> bool:
         return False
 
 
+def check_environment() -> list[Check]:
+    problems = unknown_variables(os.environ)
+    if not problems:
+        return [Check("environment", True, "every DITMEM_* variable is a setting")]
+    return [Check("environment", False, problem, fatal=False) for problem in problems]
+
+
 def run_checks(settings: Settings) -> list[Check]:
     """Every check, in the order a user would fix things."""
     versions = ", ".join(
@@ -109,8 +130,9 @@ def run_checks(settings: Settings) -> list[Check]:
     )
     return [
         Check("preset", True, settings.preset),
+        *check_environment(),
         Check("packages", True, versions),
-        *check_torch(),
+        *check_torch(settings),
         check_faiss(),
         *check_weights(settings),
         check_redis(settings),

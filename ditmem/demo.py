@@ -18,15 +18,15 @@ from pathlib import Path
 import httpx
 import torch
 
+from ditmem.compose import build_app
+from ditmem.toy import bank_specs, write_toy_clip
 from model.presets import TOY
 from model.toy.classify import read
 from model.toy.strips import frame_strip
 from model.toy.world import ClipSpec, render_one
 from model.video_io import read_video
-from service.app import create_app
+from runtime.settings import Settings
 from service.local_server import running_server
-from service.settings import Settings
-from service.toy import bank_specs, write_toy_clip
 
 QUERY = "a ball falling"
 PROMPT = "a red ball"
@@ -46,7 +46,9 @@ def _wait_job(client: httpx.Client, job_id: str, report: Callable[[str], None] |
     last = None
     while True:
         job = client.get(f"/jobs/{job_id}").raise_for_status().json()
-        progress = f"{job['kind']} {job['status']} step {job['step']}/{job['total_steps']}"
+        progress = f"{job['kind']} {job['status']}"
+        if job["status"] == "running" and job["step"] > 0:
+            progress += f" step {job['step']}/{job['total_steps']}"
         if report is not None and progress != last:
             report(progress)
             last = progress
@@ -105,7 +107,7 @@ def run_demo(
 ) -> DemoResult:
     """Serve, seed the bank, retrieve, generate with and without memory, download, draw."""
     out_dir = Path(out_dir)
-    with tempfile.TemporaryDirectory() as scratch, running_server(create_app(settings)) as url:
+    with tempfile.TemporaryDirectory() as scratch, running_server(build_app(settings)) as url:
         report(f"API up on {url} (embedded worker, preset {settings.preset})")
         with httpx.Client(base_url=url, timeout=600) as client:
             specs = _seed_bank(client, Path(scratch), per_combo, seed)

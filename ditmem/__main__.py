@@ -1,0 +1,3 @@
+from ditmem.cli import app
+
+app(prog_name="ditmem")

@@ -1,0 +1,106 @@
+"""The composition root: the one place that wires the HTTP service, the workers and the shared
+runtime into what ``ditmem serve``, ``ditmem worker`` and ``ditmem demo`` run.
+
+* Celery mode (``DITMEM_REDIS_URL`` set): the API records jobs in Redis and sends tasks; each
+  ``ditmem worker`` process loads the model once and serves them.
+* Embedded mode (no Redis): the API process also runs the model, on one worker thread fed by an
+  in-memory job store: the same :class:`~worker.runner.JobRunner` as a Celery worker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+from fastapi import FastAPI
+
+from memory_bank.bank import MemoryBank
+from model.presets import get_preset
+from runtime.builders import build_ingestor, load_pipeline_from, open_bank
+from runtime.celery_app import make_celery
+from runtime.dispatch import CeleryDispatcher, EmbeddedDispatcher
+from runtime.jobs import JobStore, MemoryJobStore, RedisJobStore
+from runtime.metrics import LocalMetrics, MetricsSink, RedisMetrics
+from runtime.settings import Settings
+from service.app import create_app
+from service.state import AppState
+from worker.embedded import EmbeddedWorker
+from worker.main import serve_tasks
+from worker.runner import JobRunner, default_worker_name
+
+logger = logging.getLogger(__name__)
+
+
+def build_runner(
+    settings: Settings, store: JobStore, metrics: MetricsSink, bank: MemoryBank, name: str
+) -> JobRunner:
+    """Load the pipeline here, in the process that runs jobs (a worker is never forked)."""
+    pipe = load_pipeline_from(settings)
+    ingestor = build_ingestor(settings, bank, pipe)
+    # A new encoder makes every cached token stale: recompute them before serving jobs.
+    outcome = ingestor.refresh_tokens()
+    if outcome.updated or outcome.unrecoverable:
+        logger.warning(
+            "encoder %s: recomputed tokens of %d clips; %d clips keep no latent or source and "
+            "cannot be used as memory: %s",
+            ingestor.encoder_version, len(outcome.updated), len(outcome.unrecoverable),
+            outcome.unrecoverable[:20],
+        )  # fmt: skip
+    return JobRunner(
+        store,
+        pipe,
+        get_preset(settings.preset),
+        bank,
+        ingestor,
+        settings.results_dir,
+        lease_s=settings.job_lease_s,
+        name=name,
+        metrics=metrics,
+    )
+
+
+def build_api_state(settings: Settings) -> AppState:
+    """Job store, dispatcher, bank and metrics of the API process (and, embedded, its worker)."""
+    settings.results_dir.mkdir(parents=True, exist_ok=True)
+    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+    bank = open_bank(settings)
+    if settings.redis_url:
+        store = RedisJobStore(settings.redis_url)
+        return AppState(
+            settings=settings,
+            store=store,
+            dispatcher=CeleryDispatcher(make_celery(settings), store.redis),
+            bank=bank,
+            mode="celery",
+            metrics=RedisMetrics(store.redis),
+            workers_ready=lambda: len(store.workers_ready()),
+        )
+    memory_store, metrics = MemoryJobStore(), LocalMetrics()
+    worker = EmbeddedWorker(build_runner(settings, memory_store, metrics, bank, "embedded"))
+    return AppState(
+        settings=settings,
+        store=memory_store,
+        dispatcher=EmbeddedDispatcher(worker),
+        bank=bank,
+        mode="embedded",
+        metrics=metrics,
+        workers_ready=lambda: 1,
+        closers=[worker.stop],
+    )
+
+
+def build_app(settings: Settings) -> FastAPI:
+    """The API as ``ditmem serve`` runs it for these settings."""
+    return create_app(settings, build_api_state)
+
+
+def serve(settings: Settings) -> None:
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+def run_worker(settings: Settings, queues: str = "generate,ingest") -> None:
+    """``ditmem worker``: a Celery worker process with its own model, bank and runner."""
+    store = RedisJobStore(settings.redis_url)
+    name = settings.worker_name or default_worker_name()
+    runner = build_runner(settings, store, RedisMetrics(store.redis), open_bank(settings), name)
+    serve_tasks(settings, runner, store, queues)

@@ -1,0 +1,475 @@
+"""Job records shared by the API and the workers: Redis in production, memory when embedded.
+
+A job's record is the single source of truth for its state, and it carries the job itself as a
+typed, fully resolved spec (:class:`GenerateSpec`: validated parameters and the memory clips
+chosen at submission; :class:`IngestSpec`: the stored upload), so a worker runs exactly what the
+API accepted and never re-parses a request.
+
+Workers *claim* a job before running it; the claim is atomic and refuses jobs that are finished,
+cancelled or running under a live lease, which is what keeps a task that Celery delivers twice
+from running twice. Every later write of the worker names the attempt it claimed: a progress
+report renews the lease and reads the cancel flag in one atomic round trip, and the finish writes
+status, result and error in one transaction; both are refused once another attempt has taken the
+job over.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.generation import GenerationParams
+
+JobKind = Literal["generate", "ingest"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+FinalStatus = Literal["succeeded", "failed", "canceled"]
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+# What a progress report tells the worker: go on, stop (cancel requested), or stop without
+# writing anything more (another attempt owns the job now).
+ProgressReply = Literal["continue", "cancel", "lost"]
+
+JOB_FORMAT = 2  # version of the record layout; records of another version are refused
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class OutdatedJobRecord(Exception):
+    """A job recorded by an older ditmem in a layout this version does not read."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"job {job_id} was recorded by an older ditmem (job record format 1) and cannot be "
+            "read by this version; submit it again"
+        )
+        self.job_id = job_id
+
+
+class MemoryClipUsed(BaseModel):
+    """One memory clip of a generation: a retrieved hit (with its score) or a pinned clip."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    clip_id: int
+    score: float | None = None
+    caption: str
+
+
+class GenerateSpec(BaseModel):
+    """A video to make: resolved parameters and the memory clips chosen when it was accepted."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["generate"] = "generate"
+    params: GenerationParams
+    memory: tuple[MemoryClipUsed, ...] = ()
+
+
+class IngestSpec(BaseModel):
+    """A stored upload to add to the memory bank."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["ingest"] = "ingest"
+    upload_path: str
+    caption: str
+    tags: tuple[str, ...] = ()
+    source_name: str | None = None
+
+
+class GenerateResult(BaseModel):
+    """Names of the video and its JSON record in the results folder."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["generate"] = "generate"
+    video: str
+    record: str
+
+
+class IngestResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["ingest"] = "ingest"
+    clip_id: int
+    created: bool
+
+
+JobSpec = Annotated[GenerateSpec | IngestSpec, Field(discriminator="kind")]
+JobResult = Annotated[GenerateResult | IngestResult, Field(discriminator="kind")]
+
+
+class JobRecord(BaseModel):
+    """Everything known about one job."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    format: Literal[2] = JOB_FORMAT
+    job_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    owner: str
+    spec: JobSpec
+    status: JobStatus = "queued"
+    progress: float = Field(0.0, ge=0, le=1)
+    step: int = Field(0, ge=0)
+    total_steps: int = Field(0, ge=0)
+    created_at: datetime = Field(default_factory=now)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: JobResult | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    worker: str | None = None
+    lease_until: float | None = None  # epoch seconds; a running job past it has lost its worker
+    attempts: int = Field(0, ge=0)
+
+    @classmethod
+    def new(cls, owner: str, spec: GenerateSpec | IngestSpec, **fields: Any) -> JobRecord:
+        """A queued job; a generation knows its step count from the start."""
+        steps = spec.params.steps if isinstance(spec, GenerateSpec) else 0
+        return cls(owner=owner, spec=spec, total_steps=steps, **fields)
+
+    @property
+    def kind(self) -> JobKind:
+        return self.spec.kind
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    @property
+    def memory_used(self) -> tuple[MemoryClipUsed, ...]:
+        return self.spec.memory if isinstance(self.spec, GenerateSpec) else ()
+
+
+def _changed(job: JobRecord, **changes: Any) -> JobRecord:
+    """``job`` with ``changes``, validated (unlike ``model_copy``, a misspelled field fails)."""
+    return JobRecord.model_validate(job.model_dump() | changes)
+
+
+# -- transitions: pure functions that both stores apply atomically ---------------------------------
+
+
+def _claimable(job: JobRecord, at: float) -> bool:
+    if job.status == "queued":
+        return not job.cancel_requested
+    if job.status == "running":
+        return job.lease_until is not None and job.lease_until < at
+    return False
+
+
+def _claimed(job: JobRecord, worker: str, lease_s: float, at: float) -> JobRecord:
+    return _changed(
+        job,
+        status="running",
+        worker=worker,
+        lease_until=at + lease_s,
+        started_at=job.started_at or now(),
+        attempts=job.attempts + 1,
+        step=0,
+        progress=0.0,
+    )
+
+
+def _cancelled(job: JobRecord) -> JobRecord:
+    if job.finished:
+        return job
+    if job.status == "queued":
+        # Never runs: the claim refuses it, and it is final right away.
+        return _changed(job, status="canceled", cancel_requested=True, finished_at=now())
+    return _changed(job, cancel_requested=True)
+
+
+def _owned(job: JobRecord, attempt: int) -> bool:
+    """The attempt that claimed the job still holds it."""
+    return job.status == "running" and job.attempts == attempt
+
+
+def _finished(
+    job: JobRecord, status: FinalStatus, result: JobResult | None, error: str | None
+) -> JobRecord:
+    changes: dict[str, Any] = dict(
+        status=status, finished_at=now(), lease_until=None, result=result, error=error
+    )
+    if status == "succeeded":
+        changes |= dict(step=job.total_steps, progress=1.0)
+    return _changed(job, **changes)
+
+
+class JobStore(ABC):
+    """Persistence of job records; every operation is atomic.
+
+    Claim, finish and cancel are written once, here, as the pure transitions above; each store
+    applies them with its own atomic read-modify-write, :meth:`_transform`.
+    """
+
+    @abstractmethod
+    def create(self, job: JobRecord) -> JobRecord: ...
+
+    @abstractmethod
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    def list(self, owner: str, offset: int, limit: int) -> tuple[list[JobRecord], int]: ...
+
+    @abstractmethod
+    def queued_count(self, owner: str) -> int: ...
+
+    @abstractmethod
+    def report_progress(
+        self, job_id: str, attempt: int, step: int, total_steps: int, lease_s: float
+    ) -> ProgressReply:
+        """Record a finished step and renew the lease, if ``attempt`` still holds the job; the
+        reply says whether to go on, stop (cancel requested) or drop the job (lost)."""
+
+    @abstractmethod
+    def ping(self) -> bool: ...
+
+    @abstractmethod
+    def _transform(
+        self, job_id: str, change: Callable[[JobRecord], JobRecord | None]
+    ) -> JobRecord | None:
+        """Replace the job by ``change(job)`` atomically unless that is ``None``; the result."""
+
+    def claim(self, job_id: str, worker: str, lease_s: float) -> JobRecord | None:
+        """Take the job for a new attempt, or ``None`` when it may not run now."""
+
+        def change(job: JobRecord) -> JobRecord | None:
+            at = time.time()
+            return _claimed(job, worker, lease_s, at) if _claimable(job, at) else None
+
+        return self._transform(job_id, change)
+
+    def finish(
+        self,
+        job_id: str,
+        attempt: int,
+        status: FinalStatus,
+        *,
+        result: JobResult | None = None,
+        error: str | None = None,
+    ) -> JobRecord | None:
+        """Make the attempt's outcome final; ``None`` when the attempt no longer holds the job."""
+
+        def change(job: JobRecord) -> JobRecord | None:
+            return _finished(job, status, result, error) if _owned(job, attempt) else None
+
+        return self._transform(job_id, change)
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        updated = self._transform(job_id, _cancelled)
+        if updated is None:
+            raise KeyError(job_id)
+        return updated
+
+
+class MemoryJobStore(JobStore):
+    """In-process store for the embedded single-process mode."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, JobRecord] = {}
+        self._lock = threading.Lock()
+
+    def create(self, job: JobRecord) -> JobRecord:
+        with self._lock:
+            self._jobs[job.job_id] = job
+        return job
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def list(self, owner: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
+        with self._lock:
+            mine = sorted(
+                (j for j in self._jobs.values() if j.owner == owner),
+                key=lambda j: j.created_at,
+                reverse=True,
+            )
+        return mine[offset : offset + limit], len(mine)
+
+    def queued_count(self, owner: str) -> int:
+        with self._lock:
+            return sum(1 for j in self._jobs.values() if j.owner == owner and j.status == "queued")
+
+    def _transform(
+        self, job_id: str, change: Callable[[JobRecord], JobRecord | None]
+    ) -> JobRecord | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            updated = change(job)
+            if updated is not None:
+                self._jobs[job_id] = updated
+            return updated
+
+    def report_progress(
+        self, job_id: str, attempt: int, step: int, total_steps: int, lease_s: float
+    ) -> ProgressReply:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or not _owned(job, attempt):
+                return "lost"
+            self._jobs[job_id] = _changed(
+                job,
+                step=step,
+                total_steps=total_steps,
+                progress=step / total_steps,
+                lease_until=time.time() + lease_s,
+            )
+            return "cancel" if job.cancel_requested else "continue"
+
+    def ping(self) -> bool:
+        return True
+
+
+# Renews the lease and records the step only while the attempt holds the job, and answers with
+# the cancel flag: one round trip per denoising step. Fields hold JSON values.
+_PROGRESS_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'status') ~= '"running"'
+   or redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[1] then
+  return 'lost'
+end
+redis.call('HSET', KEYS[1], 'step', ARGV[2], 'total_steps', ARGV[3], 'progress', ARGV[4],
+           'lease_until', ARGV[5])
+if redis.call('HGET', KEYS[1], 'cancel_requested') == 'true' then
+  return 'cancel'
+end
+return 'continue'
+"""
+
+
+class RedisJobStore(JobStore):
+    """Job records in Redis: one hash per job (a JSON value per field), indexes per owner.
+
+    A hash rather than one JSON string lets a progress report change four fields in a server
+    side script without re-encoding the record. Read-modify-write operations run under
+    optimistic locking (WATCH/MULTI), so a claim, a finish and a cancel from different processes
+    never overwrite each other.
+
+    Records live under ``<prefix>:v2:``; a job id found only under the format-1 key
+    ``<prefix>:job:<id>`` raises :class:`OutdatedJobRecord`.
+    """
+
+    def __init__(self, url: str, prefix: str = "ditmem", ttl_s: int = 7 * 24 * 3600) -> None:
+        self.redis = redis.Redis.from_url(url, decode_responses=True)
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self._progress = self.redis.register_script(_PROGRESS_SCRIPT)
+
+    def _key(self, job_id: str) -> str:
+        return f"{self.prefix}:v2:job:{job_id}"
+
+    def _owner_key(self, owner: str) -> str:
+        return f"{self.prefix}:v2:owner:{owner}"
+
+    def _queued_key(self, owner: str) -> str:
+        return f"{self.prefix}:v2:queued:{owner}"
+
+    @staticmethod
+    def _encode(job: JobRecord, fields: Iterable[str] | None = None) -> dict[str, str]:
+        values = job.model_dump(mode="json", include=set(fields) if fields else None)
+        return {name: json.dumps(value) for name, value in values.items()}
+
+    def _decode(self, job_id: str, raw: dict[str, str]) -> JobRecord | None:
+        if not raw:
+            if self.redis.exists(f"{self.prefix}:job:{job_id}"):
+                raise OutdatedJobRecord(job_id)
+            return None
+        # Each field already holds JSON: join them into one document and validate it strictly.
+        document = ",".join(f"{json.dumps(name)}:{value}" for name, value in raw.items())
+        return JobRecord.model_validate_json("{" + document + "}")
+
+    def create(self, job: JobRecord) -> JobRecord:
+        pipe = self.redis.pipeline()
+        key = self._key(job.job_id)
+        pipe.hset(key, mapping=self._encode(job))
+        pipe.expire(key, self.ttl_s)
+        pipe.zadd(self._owner_key(job.owner), {job.job_id: job.created_at.timestamp()})
+        if job.status == "queued":
+            pipe.sadd(self._queued_key(job.owner), job.job_id)
+        pipe.execute()
+        return job
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self._decode(job_id, self.redis.hgetall(self._key(job_id)))
+
+    def list(self, owner: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
+        key = self._owner_key(owner)
+        total = self.redis.zcard(key)
+        ids = self.redis.zrevrange(key, offset, offset + limit - 1)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self._key(job_id))
+        jobs = [self._decode(i, raw) for i, raw in zip(ids, pipe.execute(), strict=True) if raw]
+        return jobs, total
+
+    def queued_count(self, owner: str) -> int:
+        return self.redis.scard(self._queued_key(owner))
+
+    def _transform(
+        self, job_id: str, change: Callable[[JobRecord], JobRecord | None]
+    ) -> JobRecord | None:
+        """Apply ``change(job) -> new job | None`` atomically; returns what was stored."""
+        key = self._key(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    job = self._decode(job_id, pipe.hgetall(key))
+                    updated = None if job is None else change(job)
+                    if updated is None:
+                        pipe.unwatch()
+                        return None
+                    pipe.multi()
+                    pipe.hset(key, mapping=self._encode(updated))
+                    if updated.status != "queued":
+                        pipe.srem(self._queued_key(updated.owner), job_id)
+                    pipe.execute()
+                    return updated
+                except redis.WatchError:
+                    continue
+
+    def report_progress(
+        self, job_id: str, attempt: int, step: int, total_steps: int, lease_s: float
+    ) -> ProgressReply:
+        reply = self._progress(
+            keys=[self._key(job_id)],
+            args=[
+                json.dumps(attempt),
+                json.dumps(step),
+                json.dumps(total_steps),
+                json.dumps(step / total_steps),
+                json.dumps(time.time() + lease_s),
+            ],
+        )
+        return reply  # type: ignore[return-value]  # the script answers one of the three
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except redis.RedisError:
+            return False
+
+    def workers_ready(self) -> list[str]:
+        """Workers that announced a loaded model within the last minute."""
+        key = f"{self.prefix}:workers"
+        cutoff = time.time() - 60
+        self.redis.zremrangebyscore(key, 0, cutoff)
+        return list(self.redis.zrangebyscore(key, cutoff, "+inf"))
+
+    def announce_worker(self, name: str) -> None:
+        self.redis.zadd(f"{self.prefix}:workers", {name: time.time()})
+
+    def retire_worker(self, name: str) -> None:
+        self.redis.zrem(f"{self.prefix}:workers", name)

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from ditmem.cli import app
+
+
+def test_doctor_reports_each_check_and_passes_on_the_tiny_preset(tmp_path, monkeypatch):
+    monkeypatch.setenv("DITMEM_BANK_DIR", str(tmp_path / "bank"))
+    monkeypatch.delenv("DITMEM_REDIS_URL", raising=False)
+    result = CliRunner().invoke(app, ["doctor", "--preset", "tiny"])
+    assert result.exit_code == 0, result.output
+    for name in ("torch", "cuda", "faiss", "weights", "redis", "bank dir"):
+        assert name in result.output
+
+
+def test_doctor_fails_on_missing_weights_and_unreachable_redis(tmp_path, monkeypatch):
+    monkeypatch.setenv("DITMEM_WAN_PATH", str(tmp_path / "wan"))
+    monkeypatch.setenv("DITMEM_DIT_MEM_PATH", str(tmp_path / "DiT-Mem-1.3B.safetensors"))
+    monkeypatch.setenv("DITMEM_REDIS_URL", "redis://127.0.0.1:1/0")
+    result = CliRunner().invoke(app, ["doctor", "--preset", "wan2.1-t2v-1.3b"])
+    assert result.exit_code == 1
+    assert "FAIL weights" in result.output and "huggingface-cli download" in result.output
+    assert "FAIL dit-mem checkpoint" in result.output
+    assert "FAIL redis" in result.output
+
+
+def test_doctor_warns_about_a_variable_no_setting_reads(tmp_path, monkeypatch):
+    monkeypatch.setenv("DITMEM_BANK_DIR", str(tmp_path / "bank"))
+    monkeypatch.delenv("DITMEM_REDIS_URL", raising=False)
+    monkeypatch.setenv("DITMEM_RESULT_DIR", str(tmp_path / "results"))
+    result = CliRunner().invoke(app, ["doctor", "--preset", "tiny"])
+    assert result.exit_code == 0, result.output  # a warning, not a failure
+    assert "warn environment" in result.output
+    assert "DITMEM_RESULT_DIR is not a ditmem setting; did you mean DITMEM_RESULTS_DIR?" in (
+        result.output
+    )
+
+
+def test_doctor_passes_on_the_default_toy_preset_with_its_shipped_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("DITMEM_BANK_DIR", str(tmp_path / "bank"))
+    for name in ("DITMEM_REDIS_URL", "DITMEM_PRESET", "DITMEM_WAN_PATH", "DITMEM_DIT_MEM_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert "ok   preset               toy" in result.output
+    assert "model/toy/weights" in result.output

@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from playwright.sync_api import Page, expect, sync_playwright
 
 from ditmem.compose import build_app
-from service.local_server import running_server
-import torch
-
 from ditmem.toy import write_toy_clip
 from model.toy.world import sample_spec
+from service.local_server import running_server
 from tests.embedded import embedded_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]

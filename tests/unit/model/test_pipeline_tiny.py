@@ -244,7 +244,9 @@ def test_memory_guidance_changes_guided_output_only(pipe, clip_tokens):
 def test_memory_guidance_defaults_to_the_preset_and_a_request_overrides_it():
     assert GenerationParams.resolve(TOY, "a red ball").memory_guidance is True
     assert GenerationParams.resolve(TINY, "x").memory_guidance is False
-    assert GenerationParams.resolve(TOY, "a red ball", memory_guidance=False).memory_guidance is False
+    assert (
+        GenerationParams.resolve(TOY, "a red ball", memory_guidance=False).memory_guidance is False
+    )
 
 
 # -- presets --------------------------------------------------------------------------------------

@@ -394,23 +394,6 @@ encoder_app = typer.Typer(help="Maintain the memory encoder.", no_args_is_help=T
 app.add_typer(encoder_app, name="encoder")
 
 
-def _bank_latent_batches(store, batch_size: int) -> Iterator:
-    """Stored canonical latents of every clip that kept one, ``batch_size`` at a time."""
-    import torch
-
-    ids, _ = store.embeddings()
-    batch = []
-    for clip_id in ids.tolist():
-        content_hash, has_latent, _ = store.storage_of(int(clip_id))
-        if has_latent:
-            batch.append(store.read_latent(content_hash))
-        if len(batch) == batch_size:
-            yield torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch)
-
-
 @encoder_app.command("calibrate")
 def encoder_calibrate(
     out: Annotated[Path, typer.Option(help="Folder for the calibrated encoder (all buffers).")],
@@ -428,9 +411,7 @@ def encoder_calibrate(
         pipe = load_pipeline_from(settings)
         encoder = pipe.memory_encoder
         with open_bank(settings) as opened:
-            report = calibrate_batchnorm(
-                encoder, lambda: _bank_latent_batches(opened.store, batch_size)
-            )
+            report = calibrate_batchnorm(encoder, lambda: opened.latent_batches(batch_size))
         save_memory_encoder(encoder, out)
     typer.echo(f"calibrated on {report.clips} clip latents; statistics vs the defaults (0, 1):")
     typer.echo(report.table())

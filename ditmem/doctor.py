@@ -93,6 +93,24 @@ def check_redis(settings: Settings) -> Check:
         return Check("redis", False, f"{settings.redis_url}: {error}")
 
 
+def check_database(settings: Settings) -> Check:
+    if settings.database_url is None:
+        return Check("manifest", True, f"SQLite file in {settings.bank_dir} (one host)")
+    import sqlalchemy as sa
+
+    from memory_bank.manifest import database_url
+
+    url = database_url(Path(settings.bank_dir), settings.database_url)
+    try:
+        engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
+        with engine.connect() as connection:
+            version = connection.execute(sa.text("SHOW server_version")).scalar()
+        engine.dispose()
+        return Check("manifest", True, f"PostgreSQL {version} at {url.render_as_string()}")
+    except sa.exc.SQLAlchemyError as error:
+        return Check("manifest", False, f"{url.render_as_string()}: {error.__cause__ or error}")
+
+
 def check_storage(settings: Settings) -> list[Check]:
     checks = []
     for name in ("bank_dir", "results_dir", "uploads_dir"):
@@ -136,5 +154,6 @@ def run_checks(settings: Settings) -> list[Check]:
         check_faiss(),
         *check_weights(settings),
         check_redis(settings),
+        check_database(settings),
         *check_storage(settings),
     ]

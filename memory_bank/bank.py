@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
+import torch
 from pydantic import BaseModel, Field
 
 from memory_bank.embed import TextEmbedder
-from memory_bank.errors import BankCorrupt
+from memory_bank.errors import BankCorrupt, ClipNotFound, DuplicateClip
 from memory_bank.index import IndexConfig
 from memory_bank.schemas import ClipPage, ClipRecord, SearchHit
-from memory_bank.store import ClipStore
+from memory_bank.store import ClipStore, NewClip
 from memory_bank.synced_index import SyncedIndex
 from model.tokens import ClipTokens
 
@@ -53,14 +55,26 @@ class BankOptions(BaseModel):
     )
 
 
+class AddedClip(NamedTuple):
+    """What :meth:`MemoryBank.add_clip` stored."""
+
+    record: ClipRecord
+    created: bool  # False: a clip with the same content hash was already in the bank
+
+
 class MemoryBank:
     """One bank directory opened for reading and writing.
+
+    The only way to the manifest and the bank's files: ingest computes a clip's tokens, latent
+    and embeddings, the bank writes them (``store`` is its internal piece, not an API).
 
     Args:
         root: The bank directory (created if missing).
         embedder: Embeds captions at ingest and prompts at search time.
         options: Storage and index options.
         visual: Optional keyframe/prompt embedder; adds a visual index fused into search.
+        database_url: Where the manifest lives: ``None`` for the SQLite file in ``root``, or a
+            ``postgresql://`` URL that every host of a fleet can share.
     """
 
     def __init__(
@@ -69,12 +83,13 @@ class MemoryBank:
         embedder: TextEmbedder,
         options: BankOptions | None = None,
         visual: VisualEmbedder | None = None,
+        database_url: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.embedder = embedder
         self.visual = visual
         self.options = options or BankOptions()
-        self.store = ClipStore(self.root)
+        self.store = ClipStore(self.root, database_url)
         self._check_models()
         self._sync = threading.Lock()
         self._unsaved = 0
@@ -213,6 +228,67 @@ class MemoryBank:
     def __len__(self) -> int:
         return self.store.count()
 
+    def find_by_hash(self, content_hash: str) -> ClipRecord | None:
+        """The clip whose uploaded file has this SHA-256 hex digest, if the bank holds it."""
+        return self.store.find_by_hash(content_hash)
+
+    def caption_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids int64 (n,), vectors float32 (n, dim))`` of every clip, by ascending id.
+
+        The unit-norm caption embeddings the text index is built from.
+        """
+        return self.store.embeddings(kind="text")
+
+    def clip_latent(self, clip_id: int) -> torch.Tensor | None:
+        """The clip's stored canonical VAE latent ``(C, D, H, W)`` float32.
+
+        ``None`` when the clip was ingested without one (``keep_latents`` off); an unknown id
+        raises :class:`ClipNotFound`, a latent the manifest lists but the disk lacks
+        :class:`BankCorrupt`.
+        """
+        content_hash, has_latent, _ = self.store.storage_of(clip_id)
+        if not has_latent:
+            return None
+        try:
+            return self.store.read_latent(content_hash)
+        except FileNotFoundError:
+            if self.store.find_by_id(clip_id) is None:  # deleted meanwhile
+                raise ClipNotFound(f"no clip with id {clip_id}") from None
+            raise BankCorrupt(f"the latent file of clip {clip_id} is missing") from None
+
+    def clip_source(self, clip_id: int) -> Path | None:
+        """Where the clip's uploaded file is kept; ``None`` when it was not (``keep_sources``)."""
+        content_hash, _, source_ext = self.store.storage_of(clip_id)
+        return self.store.source_path(content_hash, source_ext) if source_ext else None
+
+    def latent_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Stored latents of every clip that kept one, by ascending id, ``batch_size`` at a time.
+
+        Each batch is ``(b, C, D, H, W)`` float32 with ``b <= batch_size``; clips without a
+        latent, or deleted while this runs, are skipped.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        ids, _ = self.caption_embeddings()
+        batch: list[torch.Tensor] = []
+        for clip_id in ids.tolist():
+            try:
+                latent = self.clip_latent(int(clip_id))
+            except ClipNotFound:
+                continue
+            if latent is None:
+                continue
+            batch.append(latent)
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                batch = []
+        if batch:
+            yield torch.stack(batch)
+
+    def stale_clips(self, encoder_version: str) -> list[int]:
+        """Ids (ascending) of clips whose cached tokens were not made by ``encoder_version``."""
+        return self.store.stale_clips(encoder_version)
+
     def clip_tokens(self, clip_ids: list[int], encoder_version: str) -> ClipTokens:
         """Cached tokens of the given clips (in that order) for one encoder version."""
         records = self.store.get_many(clip_ids)
@@ -227,6 +303,65 @@ class MemoryBank:
         )
 
     # -- writing -----------------------------------------------------------------------------------
+
+    def add_clip(
+        self,
+        clip: NewClip,
+        *,
+        tokens: ClipTokens,
+        encoder_version: str,
+        poster_jpeg: bytes,
+        latent: torch.Tensor | None = None,
+        source: Path | None = None,
+    ) -> AddedClip:
+        """Store a new clip: its files first, then its manifest row, then the index entry.
+
+        Args:
+            clip: The clip's metadata and embeddings.
+            tokens: Its memory tokens ``(1, U, F)`` from the encoder ``encoder_version``.
+            encoder_version: Fingerprint of the encoder that made ``tokens``.
+            poster_jpeg: A small poster frame (JPEG bytes) for listings.
+            latent: Its canonical VAE latent ``(C, D, H, W)``; kept if the bank keeps latents.
+            source: The uploaded file; copied in if the bank keeps sources.
+
+        A crash before the row is written leaves only unreferenced files (see
+        ``collect_garbage``), never a row pointing at a missing file. If a clip with the same
+        content hash is already in the bank - e.g. ingested concurrently by another process -
+        that clip is returned with ``created=False``; its files are the same as these.
+        """
+        keep_latent = self.options.keep_latents and latent is not None
+        source_ext = None
+        if self.options.keep_sources and source is not None:
+            source_ext = source.suffix.lower() or ".bin"
+        content_hash = clip.content_hash
+        self.store.put_poster(content_hash, poster_jpeg)
+        self.store.put_tokens(content_hash, encoder_version, tokens)
+        if keep_latent:
+            self.store.put_latent(content_hash, latent)
+        if source_ext is not None:
+            self.store.put_source(content_hash, source_ext, source)
+        try:
+            record = self.store.insert(
+                clip, encoder_version=encoder_version, has_latent=keep_latent, source_ext=source_ext
+            )
+        except DuplicateClip:
+            # Another writer stored the same file first; its files are the same as these.
+            existing = self.store.find_by_hash(content_hash)
+            if existing is None:  # and deleted it again since
+                raise
+            return AddedClip(existing, created=False)
+        self.refresh()
+        return AddedClip(record, created=True)
+
+    def replace_tokens(self, clip_id: int, encoder_version: str, tokens: ClipTokens) -> None:
+        """Cache the clip's tokens ``(1, U, F)`` from another encoder and make them current.
+
+        The tokens file is written before the row names its version, so a crash in between
+        leaves the clip stale (recomputed next time), never pointing at a missing file.
+        """
+        content_hash, _, _ = self.store.storage_of(clip_id)
+        self.store.put_tokens(content_hash, encoder_version, tokens)
+        self.store.set_encoder_version(clip_id, encoder_version)
 
     def delete(self, clip_id: int) -> ClipRecord:
         """Remove a clip's row, files and index entry."""

@@ -21,3 +21,7 @@ class BankCorrupt(BankError):
 
 class IndexCorrupt(BankError):
     """An index file cannot be read; ``ditmem index rebuild`` recreates it from the manifest."""
+
+
+class DuplicateClip(BankError):
+    """A clip with the same content is already in the manifest (added concurrently)."""

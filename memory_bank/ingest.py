@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +16,9 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from memory_bank.bank import MemoryBank
+from memory_bank.bank import MemoryBank, NewClip
 from memory_bank.errors import ClipRejected
 from memory_bank.schemas import ClipRecord
-from memory_bank.store import NewClip
 from model.errors import InvalidClip
 from model.pipeline import MemoryWanPipeline
 from model.preprocess import ClipInfo, load_memory_clip, probe_clip
@@ -159,7 +157,7 @@ class ClipIngestor:
         path = Path(path)
         if path.is_file() and path.stat().st_size <= self.limits.max_bytes:
             # Hashing first makes re-running an import cheap: known files skip all decoding.
-            existing = self.bank.store.find_by_hash(file_sha256(path))
+            existing = self.bank.find_by_hash(file_sha256(path))
             if existing is not None:
                 return IngestResult(existing, created=False)
         info = validate_clip(path, caption, self.limits)
@@ -177,14 +175,6 @@ class ClipIngestor:
         visual = self.bank.visual
         visual_embedding = visual.embed_clip(path) if visual is not None else None
 
-        store, options = self.bank.store, self.bank.options
-        store.put_poster(content_hash, poster_jpeg(path))
-        store.put_tokens(content_hash, self.encoder_version, tokens)
-        if options.keep_latents:
-            store.put_latent(content_hash, latent[0])
-        source_ext = (path.suffix.lower() or ".bin") if options.keep_sources else None
-        if source_ext:
-            store.put_source(content_hash, source_ext, path)
         clip = NewClip(
             caption=caption.strip(),
             source_name=source_name or path.name,
@@ -201,21 +191,16 @@ class ClipIngestor:
             visual_embedder=visual.name if visual is not None else None,
             visual_embedding=visual_embedding,
         )
-        try:
-            record = store.insert(
-                clip,
-                encoder_version=self.encoder_version,
-                has_latent=options.keep_latents,
-                source_ext=source_ext,
-            )
-        except sqlite3.IntegrityError:
-            # The same file was ingested concurrently; its files are identical to ours.
-            record = store.find_by_hash(content_hash)
-            if record is None:
-                raise
-            return IngestResult(record, created=False)
-        self.bank.refresh()
-        return IngestResult(record, created=True)
+        # The bank keeps the latent and the file itself only if its options say so.
+        added = self.bank.add_clip(
+            clip,
+            tokens=tokens,
+            encoder_version=self.encoder_version,
+            poster_jpeg=poster_jpeg(path),
+            latent=latent[0],
+            source=path,
+        )
+        return IngestResult(added.record, created=added.created)
 
     def refresh_tokens(self) -> TokenRefresh:
         """Recompute the cached tokens of clips encoded by another encoder version.
@@ -224,14 +209,13 @@ class ClipIngestor:
         the stored source file (full preprocessing); a clip with neither keeps its old tokens
         and is reported, since this encoder cannot use them.
         """
-        store = self.bank.store
         outcome = TokenRefresh()
-        for clip_id in store.stale_clips(self.encoder_version):
-            content_hash, has_latent, source_ext = store.storage_of(clip_id)
-            if has_latent:
-                latent = store.read_latent(content_hash).unsqueeze(0)
-            elif source_ext:
-                video = load_memory_clip(store.source_path(content_hash, source_ext), self.preset)
+        for clip_id in self.bank.stale_clips(self.encoder_version):
+            latent = self.bank.clip_latent(clip_id)
+            if latent is not None:
+                latent = latent.unsqueeze(0)
+            elif (source := self.bank.clip_source(clip_id)) is not None:
+                video = load_memory_clip(source, self.preset)
                 latent = self.pipe.encode_clip_latents(video.unsqueeze(0))
             else:
                 outcome.unrecoverable.append(clip_id)
@@ -239,7 +223,6 @@ class ClipIngestor:
             with torch.no_grad():
                 encoder = self.pipe.memory_encoder
                 tokens = encoder.resample(latent.to(encoder.device))
-            store.put_tokens(content_hash, self.encoder_version, tokens)
-            store.set_encoder_version(clip_id, self.encoder_version)
+            self.bank.replace_tokens(clip_id, self.encoder_version, tokens)
             outcome.updated.append(clip_id)
         return outcome

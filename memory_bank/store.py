@@ -1,8 +1,9 @@
-"""Clip records and their files: an SQLite manifest (WAL) plus content-addressed safetensors.
+"""Clip records and their files: a manifest database plus content-addressed safetensors.
 
-Layout of a bank directory::
+The manifest is the SQLite file below or, with ``database_url``, a PostgreSQL database
+(``memory_bank.manifest`` defines the schema once and migrates it). Layout of a bank directory::
 
-    manifest.sqlite3                      clips, tags, change log (the source of truth)
+    manifest.sqlite3                      clips, tags, change log (the source of truth; SQLite)
     tokens/<encoder_version>/ab/<hash>.safetensors   distinct per-clip memory tokens
     latents/ab/<hash>.safetensors         canonical VAE latent (optional)
     sources/ab/<hash><ext>                uploaded file (optional)
@@ -18,8 +19,6 @@ which :meth:`ClipStore.collect_garbage` removes; a row never points at a missing
 from __future__ import annotations
 
 import shutil
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,55 +27,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import sqlalchemy as sa
 import torch
 from safetensors.torch import load_file, save_file
 
-from memory_bank.errors import BankCorrupt, ClipNotFound
+from memory_bank import manifest
+from memory_bank.errors import BankCorrupt, ClipNotFound, DuplicateClip
+from memory_bank.manifest import changes, clip_tags, clips, meta
 from memory_bank.schemas import ClipPage, ClipRecord
 from model.atomic import atomic_path
 from model.tokens import ClipTokens
 
-SCHEMA_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS clips (
-    clip_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    caption TEXT NOT NULL,
-    source_name TEXT NOT NULL,
-    content_hash TEXT NOT NULL UNIQUE,
-    duration_s REAL NOT NULL,
-    fps REAL NOT NULL,
-    num_frames INTEGER NOT NULL,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    created_at TEXT NOT NULL,
-    encoder_version TEXT,
-    has_latent INTEGER NOT NULL DEFAULT 0,
-    source_ext TEXT,
-    embedder TEXT NOT NULL,
-    text_embedding BLOB NOT NULL,
-    visual_embedder TEXT,
-    visual_embedding BLOB
-);
-CREATE TABLE IF NOT EXISTS clip_tags (
-    clip_id INTEGER NOT NULL REFERENCES clips(clip_id) ON DELETE CASCADE,
-    tag TEXT NOT NULL,
-    PRIMARY KEY (clip_id, tag)
-);
-CREATE INDEX IF NOT EXISTS clip_tags_by_tag ON clip_tags(tag, clip_id);
-CREATE TABLE IF NOT EXISTS changes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    clip_id INTEGER NOT NULL,
-    op TEXT NOT NULL CHECK (op IN ('add', 'delete'))
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-
+# What a ClipRecord is made of, in its field order.
 RECORD_COLUMNS = (
-    "clip_id, caption, source_name, content_hash, duration_s, fps, num_frames, width, height, "
-    "size_bytes, created_at, encoder_version"
-)
+    clips.c.clip_id, clips.c.caption, clips.c.source_name, clips.c.content_hash,
+    clips.c.duration_s, clips.c.fps, clips.c.num_frames, clips.c.width, clips.c.height,
+    clips.c.size_bytes, clips.c.created_at, clips.c.encoder_version,
+)  # fmt: skip
+MAX_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -122,31 +90,18 @@ def _shard(content_hash: str) -> str:
 
 
 class ClipStore:
-    """Manifest and files of one bank directory. Thread-safe; safe to share between processes."""
+    """Manifest and files of one bank. Thread-safe; safe to share between processes and hosts
+    (the manifest on PostgreSQL)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, database_url: str | None = None) -> None:
         self.root = Path(root)
         for folder in ("tokens", "latents", "sources", "posters", "index", "tmp"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._clear_tmp()
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            self.root / "manifest.sqlite3", check_same_thread=False, isolation_level=None,
-            timeout=30.0,
-        )  # fmt: skip
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        with self._transaction() as db:
-            for statement in filter(str.strip, SCHEMA.split(";")):
-                db.execute(statement)
-            db.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
-        version = int(self.meta("schema_version"))
-        if version != SCHEMA_VERSION:
-            raise BankCorrupt(f"bank schema version {version}, this ditmem reads {SCHEMA_VERSION}")
+        url = manifest.database_url(self.root, database_url)
+        self._writer, self._reader = manifest.create_engines(url)
+        self._postgres = url.get_backend_name() == "postgresql"
+        manifest.upgrade(self._writer)
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -156,31 +111,35 @@ class ClipStore:
                 leftover.unlink(missing_ok=True)
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _transaction(self, *, logs_changes: bool = False) -> Iterator[sa.Connection]:
+        """One write transaction; ``logs_changes``: it appends to the change log."""
+        with self._writer.begin() as connection:
+            if logs_changes and self._postgres:
+                # Writers of the log one at a time, so entries become visible in seq order.
+                connection.execute(
+                    sa.select(sa.func.pg_advisory_xact_lock(manifest.CHANGE_LOG_LOCK))
+                )
+            yield connection
 
-    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+    def _query(self, statement: sa.Executable) -> list[sa.Row]:
+        with self._reader.connect() as connection:
+            return list(connection.execute(statement))
+
+    def _scalar(self, statement: sa.Executable):
+        with self._reader.connect() as connection:
+            return connection.execute(statement).scalar()
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._writer.dispose()
+        self._reader.dispose()
 
     def meta(self, key: str) -> str | None:
-        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
-        return rows[0][0] if rows else None
+        return self._scalar(sa.select(meta.c.value).where(meta.c.key == key))
 
     def set_meta(self, key: str, value: str) -> None:
         with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+            db.execute(sa.delete(meta).where(meta.c.key == key))
+            db.execute(sa.insert(meta).values(key=key, value=value))
 
     def write_atomically(self, target: Path, write) -> Path:
         """Write through ``tmp/`` and rename, so ``target`` is either absent or complete."""
@@ -254,43 +213,48 @@ class ClipStore:
         has_latent: bool,
         source_ext: str | None,
     ) -> ClipRecord:
-        """Add a clip row (its files must already be in place) and log the change."""
-        created = datetime.now(timezone.utc).isoformat()
-        with self._transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO clips (caption, source_name, content_hash, duration_s, fps, "
-                "num_frames, width, height, size_bytes, created_at, encoder_version, has_latent, "
-                "source_ext, embedder, text_embedding, visual_embedder, visual_embedding) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    clip.caption, clip.source_name, clip.content_hash, clip.duration_s, clip.fps,
-                    clip.num_frames, clip.width, clip.height, clip.size_bytes, created,
-                    encoder_version, int(has_latent), source_ext, clip.embedder,
-                    np.asarray(clip.text_embedding, dtype=np.float32).tobytes(),
-                    clip.visual_embedder,
-                    None
-                    if clip.visual_embedding is None
-                    else np.asarray(clip.visual_embedding, dtype=np.float32).tobytes(),
-                ),
-            )  # fmt: skip
-            clip_id = int(cursor.lastrowid)
-            db.executemany(
-                "INSERT OR IGNORE INTO clip_tags (clip_id, tag) VALUES (?, ?)",
-                [(clip_id, tag) for tag in clip.tags],
-            )
-            db.execute("INSERT INTO changes (clip_id, op) VALUES (?, 'add')", (clip_id,))
+        """Add a clip row (its files must already be in place) and log the change.
+
+        Raises:
+            DuplicateClip: a clip with the same content hash is already in the manifest.
+        """
+        row = dict(
+            caption=clip.caption, source_name=clip.source_name, content_hash=clip.content_hash,
+            duration_s=clip.duration_s, fps=clip.fps, num_frames=clip.num_frames,
+            width=clip.width, height=clip.height, size_bytes=clip.size_bytes,
+            created_at=datetime.now(timezone.utc).isoformat(), encoder_version=encoder_version,
+            has_latent=bool(has_latent), source_ext=source_ext, embedder=clip.embedder,
+            text_embedding=_vector_bytes(clip.text_embedding),
+            visual_embedder=clip.visual_embedder,
+            visual_embedding=(
+                None if clip.visual_embedding is None else _vector_bytes(clip.visual_embedding)
+            ),
+        )  # fmt: skip
+        try:
+            with self._transaction(logs_changes=True) as db:
+                clip_id = db.execute(
+                    sa.insert(clips).values(**row).returning(clips.c.clip_id)
+                ).scalar_one()
+                if clip.tags:
+                    db.execute(
+                        sa.insert(clip_tags),
+                        [{"clip_id": clip_id, "tag": tag} for tag in dict.fromkeys(clip.tags)],
+                    )
+                db.execute(sa.insert(changes).values(clip_id=clip_id, op="add"))
+        except sa.exc.IntegrityError as error:
+            if self.find_by_hash(clip.content_hash) is not None:
+                raise DuplicateClip(f"clip {clip.content_hash} is already in the bank") from None
+            raise BankCorrupt(f"manifest refused a clip: {error.orig}") from error
         return self.get(clip_id)
 
     def find_by_hash(self, content_hash: str) -> ClipRecord | None:
-        rows = self._query(
-            f"SELECT {RECORD_COLUMNS} FROM clips WHERE content_hash = ?", (content_hash,)
-        )
+        rows = self._query(sa.select(*RECORD_COLUMNS).where(clips.c.content_hash == content_hash))
         return self._records(rows)[0] if rows else None
 
     def find_by_id(self, clip_id: int) -> ClipRecord | None:
-        if not 0 < clip_id < 2**63:
+        if not 0 < clip_id <= MAX_ID:
             return None
-        rows = self._query(f"SELECT {RECORD_COLUMNS} FROM clips WHERE clip_id = ?", (clip_id,))
+        rows = self._query(sa.select(*RECORD_COLUMNS).where(clips.c.clip_id == clip_id))
         return self._records(rows)[0] if rows else None
 
     def get(self, clip_id: int) -> ClipRecord:
@@ -301,13 +265,10 @@ class ClipStore:
 
     def find_many(self, clip_ids: list[int]) -> dict[int, ClipRecord]:
         """Records of the ids that exist, by id, in one query."""
-        valid = [i for i in clip_ids if 0 < i < 2**63]
+        valid = [i for i in clip_ids if 0 < i <= MAX_ID]
         if not valid:
             return {}
-        marks = ",".join("?" * len(valid))
-        rows = self._query(
-            f"SELECT {RECORD_COLUMNS} FROM clips WHERE clip_id IN ({marks})", tuple(valid)
-        )
+        rows = self._query(sa.select(*RECORD_COLUMNS).where(clips.c.clip_id.in_(valid)))
         return {record.clip_id: record for record in self._records(rows)}
 
     def get_many(self, clip_ids: list[int]) -> list[ClipRecord]:
@@ -319,39 +280,33 @@ class ClipStore:
         return [by_id[clip_id] for clip_id in clip_ids]
 
     def list(self, *, offset: int = 0, limit: int = 50, tag: str | None = None) -> ClipPage:
-        if tag is None:
-            total = self._query("SELECT COUNT(*) FROM clips")[0][0]
-            rows = self._query(
-                f"SELECT {RECORD_COLUMNS} FROM clips ORDER BY clip_id DESC LIMIT ? OFFSET ?",
-                (limit, offset),
-            )
-        else:
-            total = self._query("SELECT COUNT(*) FROM clip_tags WHERE tag = ?", (tag,))[0][0]
-            rows = self._query(
-                f"SELECT {RECORD_COLUMNS} FROM clips WHERE clip_id IN "
-                "(SELECT clip_id FROM clip_tags WHERE tag = ?) "
-                "ORDER BY clip_id DESC LIMIT ? OFFSET ?",
-                (tag, limit, offset),
-            )
-        return ClipPage(items=self._records(rows), total=total, offset=offset, limit=limit)
+        query = sa.select(*RECORD_COLUMNS)
+        count = sa.select(sa.func.count()).select_from(clips)
+        if tag is not None:
+            tagged = sa.select(clip_tags.c.clip_id).where(clip_tags.c.tag == tag)
+            query = query.where(clips.c.clip_id.in_(tagged))
+            count = sa.select(sa.func.count()).select_from(clip_tags).where(clip_tags.c.tag == tag)
+        rows = self._query(query.order_by(clips.c.clip_id.desc()).limit(limit).offset(offset))
+        return ClipPage(
+            items=self._records(rows), total=self._scalar(count), offset=offset, limit=limit
+        )
 
     def count(self) -> int:
-        return self._query("SELECT COUNT(*) FROM clips")[0][0]
+        return self._scalar(sa.select(sa.func.count()).select_from(clips))
 
     def delete(self, clip_id: int) -> ClipRecord:
         """Remove the row (and log it), then its files; returns the deleted record."""
         record = self.get(clip_id)
-        storage = self._query(
-            "SELECT has_latent, source_ext FROM clips WHERE clip_id = ?", (clip_id,)
-        )
-        with self._transaction() as db:
-            deleted = db.execute("DELETE FROM clips WHERE clip_id = ?", (clip_id,)).rowcount
+        content_hash, has_latent, source_ext = self.storage_of(clip_id)
+        with self._transaction(logs_changes=True) as db:
+            # Tags go explicitly: foreign-key cascades are off in some SQLite builds.
+            db.execute(sa.delete(clip_tags).where(clip_tags.c.clip_id == clip_id))
+            deleted = db.execute(sa.delete(clips).where(clips.c.clip_id == clip_id)).rowcount
             if not deleted:
                 raise ClipNotFound(f"no clip with id {clip_id}")
-            db.execute("INSERT INTO changes (clip_id, op) VALUES (?, 'delete')", (clip_id,))
+            db.execute(sa.insert(changes).values(clip_id=clip_id, op="delete"))
         # Files go after the row: a crash here leaves unreferenced files, never a dangling row.
-        has_latent, source_ext = storage[0]
-        self._remove_files(record.content_hash, has_latent=bool(has_latent), source_ext=source_ext)
+        self._remove_files(content_hash, has_latent=has_latent, source_ext=source_ext)
         return record
 
     def _remove_files(self, content_hash: str, *, has_latent: bool, source_ext: str | None) -> None:
@@ -366,44 +321,45 @@ class ClipStore:
     def set_encoder_version(self, clip_id: int, encoder_version: str) -> None:
         with self._transaction() as db:
             db.execute(
-                "UPDATE clips SET encoder_version = ? WHERE clip_id = ?", (encoder_version, clip_id)
+                sa.update(clips)
+                .where(clips.c.clip_id == clip_id)
+                .values(encoder_version=encoder_version)
             )
 
     def stale_clips(self, encoder_version: str) -> list[int]:
         """Ids of clips whose cached tokens were made by another encoder version."""
+        version = clips.c.encoder_version
         rows = self._query(
-            "SELECT clip_id FROM clips WHERE encoder_version IS NULL OR encoder_version != ? "
-            "ORDER BY clip_id",
-            (encoder_version,),
+            sa.select(clips.c.clip_id)
+            .where(sa.or_(version.is_(None), version != encoder_version))
+            .order_by(clips.c.clip_id)
         )
         return [row[0] for row in rows]
 
     def storage_of(self, clip_id: int) -> tuple[str, bool, str | None]:
         """``(content_hash, has_latent, source_ext)`` of a clip."""
         rows = self._query(
-            "SELECT content_hash, has_latent, source_ext FROM clips WHERE clip_id = ?", (clip_id,)
+            sa.select(clips.c.content_hash, clips.c.has_latent, clips.c.source_ext).where(
+                clips.c.clip_id == clip_id
+            )
         )
         if not rows:
             raise ClipNotFound(f"no clip with id {clip_id}")
         content_hash, has_latent, source_ext = rows[0]
         return content_hash, bool(has_latent), source_ext
 
-    def _records(self, rows: list[tuple]) -> list[ClipRecord]:
+    def _records(self, rows: list[sa.Row]) -> list[ClipRecord]:
         if not rows:
             return []
-        ids = [row[0] for row in rows]
-        marks = ",".join("?" * len(ids))
+        ids = [row.clip_id for row in rows]
         tags: dict[int, list[str]] = {}
         for clip_id, tag in self._query(
-            f"SELECT clip_id, tag FROM clip_tags WHERE clip_id IN ({marks}) ORDER BY tag",
-            tuple(ids),
+            sa.select(clip_tags.c.clip_id, clip_tags.c.tag)
+            .where(clip_tags.c.clip_id.in_(ids))
+            .order_by(clip_tags.c.tag)
         ):
             tags.setdefault(clip_id, []).append(tag)
-        fields = [name.strip() for name in RECORD_COLUMNS.split(",")]
-        return [
-            ClipRecord(**dict(zip(fields, row, strict=True)), tags=tags.get(row[0], []))
-            for row in rows
-        ]
+        return [ClipRecord(**row._asdict(), tags=tags.get(row.clip_id, [])) for row in rows]
 
     # -- what indexes are built from ---------------------------------------------------------------
 
@@ -415,13 +371,13 @@ class ClipStore:
         ``kind`` is ``"text"`` (caption) or ``"visual"`` (keyframes); clips without a vector of
         that kind are left out.
         """
-        column = {"text": "text_embedding", "visual": "visual_embedding"}[kind]
-        sql = f"SELECT clip_id, {column} FROM clips WHERE {column} IS NOT NULL"
+        column = {"text": clips.c.text_embedding, "visual": clips.c.visual_embedding}[kind]
+        query = sa.select(clips.c.clip_id, column).where(column.is_not(None))
         if clip_ids is None:
-            rows = self._query(sql + " ORDER BY clip_id")
+            query = query.order_by(clips.c.clip_id)
         else:
-            marks = ",".join("?" * len(clip_ids))
-            rows = self._query(sql + f" AND clip_id IN ({marks})", tuple(clip_ids))
+            query = query.where(clips.c.clip_id.in_(clip_ids))
+        rows = self._query(query)
         ids = np.array([row[0] for row in rows], dtype=np.int64)
         if not rows:
             return ids, np.zeros((0, 0), dtype=np.float32)
@@ -429,21 +385,23 @@ class ClipStore:
         return ids, vectors
 
     def embedders(self, kind: str = "text") -> set[str]:
-        column = {"text": "embedder", "visual": "visual_embedder"}[kind]
-        rows = self._query(f"SELECT DISTINCT {column} FROM clips WHERE {column} IS NOT NULL")
+        column = {"text": clips.c.embedder, "visual": clips.c.visual_embedder}[kind]
+        rows = self._query(sa.select(column).distinct().where(column.is_not(None)))
         return {row[0] for row in rows}
 
     def last_change(self) -> int:
-        return self._query("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0]
+        return int(self._scalar(sa.select(sa.func.coalesce(sa.func.max(changes.c.seq), 0))))
 
     def changes_since(self, seq: int) -> list[Change]:
         rows = self._query(
-            "SELECT seq, clip_id, op FROM changes WHERE seq > ? ORDER BY seq", (seq,)
+            sa.select(changes.c.seq, changes.c.clip_id, changes.c.op)
+            .where(changes.c.seq > seq)
+            .order_by(changes.c.seq)
         )
         return [Change(*row) for row in rows]
 
     def referenced_hashes(self) -> set[str]:
-        return {row[0] for row in self._query("SELECT content_hash FROM clips")}
+        return {row[0] for row in self._query(sa.select(clips.c.content_hash))}
 
     def collect_garbage(self, min_age_s: float = STALE_AFTER_S) -> int:
         """Delete files no manifest row references (left by a crash); returns how many.
@@ -463,3 +421,7 @@ class ClipStore:
                     path.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+
+def _vector_bytes(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype=np.float32).tobytes()

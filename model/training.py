@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -114,6 +114,29 @@ def nearest_neighbours(vectors: np.ndarray, rows: np.ndarray, k: int) -> np.ndar
     return order[:, :k]
 
 
+class TrainingBank(Protocol):
+    """What training reads from a memory bank (``memory_bank.bank.MemoryBank`` provides it).
+
+    ``model`` never imports ``memory_bank``; the bank is handed in and used through these.
+    """
+
+    def caption_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids (n,), unit-norm caption vectors (n, dim))`` of every clip, by ascending id."""
+        ...
+
+    def clip_latent(self, clip_id: int) -> torch.Tensor | None:
+        """The clip's stored canonical latent ``(C, D, H, W)``; ``None`` if it kept none."""
+        ...
+
+    def get_many(self, clip_ids: list[int]) -> list[Any]:
+        """Clip records (``caption``, ``clip_id``, ...) in the order of ``clip_ids``."""
+        ...
+
+    def list(self, *, offset: int = 0, limit: int = 50, tag: str | None = None) -> Any:
+        """A page of clip records (``items``, ``total``), optionally of one tag."""
+        ...
+
+
 class MemoryTrainingSet:
     """Training items of a bank: target latent, the latents of its memory clips, its prompt.
 
@@ -130,15 +153,14 @@ class MemoryTrainingSet:
 
     def __init__(
         self,
-        bank: Any,
+        bank: TrainingBank,
         k: int,
         train_tag: str | None = None,
         *,
         pool: int | None = None,
         prompt_of: Callable[[Any], str] | None = None,
     ) -> None:
-        store = bank.store
-        ids, vectors = store.embeddings()
+        ids, vectors = bank.caption_embeddings()
         if len(ids) < 2:
             raise ValueError("training needs a bank with at least two clips")
         self.k = min(k, len(ids) - 1)
@@ -156,15 +178,15 @@ class MemoryTrainingSet:
         self.clip_ids = [int(i) for i in ids]
         latents = []
         for clip_id in self.clip_ids:
-            content_hash, has_latent, _ = store.storage_of(clip_id)
-            if not has_latent:
+            latent = bank.clip_latent(clip_id)
+            if latent is None:
                 raise ValueError(f"clip {clip_id} has no stored latent (bank keep_latents off)")
-            latents.append(store.read_latent(content_hash))
+            latents.append(latent)
         self.latents = torch.stack(latents)  # (n, C, D, H, W) float32
         rows = np.array([position[i] for i in target_ids])
         self.targets = rows
         self.neighbours = nearest_neighbours(vectors.astype(np.float32), rows, self.pool)
-        records = {r.clip_id: r for r in store.get_many(self.clip_ids)}
+        records = {r.clip_id: r for r in bank.get_many(self.clip_ids)}
         self.captions = [records[i].caption for i in self.clip_ids]
         self.prompts = [
             prompt_of(records[i]) if prompt_of else records[i].caption for i in self.clip_ids
@@ -196,7 +218,7 @@ class MemoryTrainingSet:
         return self.latents[row], self.latents[chosen], self.prompts[row]
 
 
-def _all_records(bank: Any, tag: str) -> list:
+def _all_records(bank: TrainingBank, tag: str) -> list:
     records, offset = [], 0
     while True:
         page = bank.list(offset=offset, limit=500, tag=tag)
@@ -339,7 +361,7 @@ def _write_plot(path: Path, history: list[dict[str, float]]) -> None:
 
 def train_encoder(
     pipe: Any,
-    bank: Any,
+    bank: TrainingBank,
     config: TrainConfig,
     resume: bool = False,
     prompt_of: Callable[[Any], str] | None = None,

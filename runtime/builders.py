@@ -47,7 +47,13 @@ def open_bank(settings: Settings) -> MemoryBank:
         from memory_bank.visual import ClipVisualEmbedder
 
         visual = ClipVisualEmbedder(settings.visual_model, settings.visual_checkpoint)
-    return MemoryBank(settings.bank_dir, embedder, bank_options(settings), visual=visual)
+    return MemoryBank(
+        settings.bank_dir,
+        embedder,
+        bank_options(settings),
+        visual=visual,
+        database_url=settings.database_url,
+    )
 
 
 def ingest_limits(settings: Settings) -> IngestLimits:

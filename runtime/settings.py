@@ -41,6 +41,11 @@ class Settings(BaseSettings):
 
     # memory bank
     bank_dir: Path = Field(Path("data/bank"), description="memory bank directory")
+    database_url: str | None = Field(
+        None,
+        description="the bank's manifest: unset, the SQLite file in bank_dir; postgresql://... "
+        "to share one manifest between hosts",
+    )
     keep_latents: bool = Field(True, description="store canonical VAE latents (re-encoding)")
     keep_sources: bool = Field(False, description="store uploaded clip files")
     embedder_path: Path | None = Field(

@@ -104,3 +104,62 @@ def test_the_checker_sees_imports_hidden_in_functions_and_cycles(tmp_path):
         ("high", "low"): ["high/__init__.py:1"],
     }
     assert set(cycle(found)) == {"low", "high"}
+
+
+# -- the memory bank is the only door to its manifest and files ------------------------------------
+
+
+def reaches_into_bank_store(source: str) -> list[int]:
+    """Lines where ``source`` reads ``.store`` of a bank (``bank``, ``self.bank``, ``opened``)."""
+
+    def named_like_a_bank(node: ast.expr) -> bool:
+        if isinstance(node, ast.Name):
+            name = node.id
+        elif isinstance(node, ast.Attribute):
+            name = node.attr
+        else:
+            return False
+        name = name.lower()
+        return name.endswith("bank") or name == "opened"
+
+    return sorted(
+        node.lineno
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Attribute)
+        and node.attr == "store"
+        and named_like_a_bank(node.value)
+    )
+
+
+def sources_outside_the_bank(root: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in root.rglob("*.py")
+        if path.relative_to(root).parts[0] not in ("memory_bank", "tests")
+        and not any(part.startswith(".") or part in ("venv", "site-packages")
+                    for part in path.relative_to(root).parts)
+    )  # fmt: skip
+
+
+def test_only_the_memory_bank_touches_its_clip_store():
+    """Everything outside ``memory_bank/`` uses ``MemoryBank``'s methods, never ``bank.store``."""
+    offenders = [
+        f"{path.relative_to(REPO)}:{line}"
+        for path in sources_outside_the_bank(REPO)
+        for line in reaches_into_bank_store(path.read_text())
+    ]
+    assert not offenders, f"use MemoryBank's public API instead of its store: {offenders}"
+
+
+def test_the_store_checker_sees_every_way_to_name_a_bank():
+    source = (
+        "a = bank.store\n"
+        "b = self.bank.store.get(1)\n"
+        "c = opened.store\n"
+        "d = memory_bank.store\n"
+        "e = state.store\n"  # a job store, not a bank's
+        "f = self.store\n"
+    )
+    assert reaches_into_bank_store(source) == [1, 2, 3, 4]
+    assert any(p.parts[-2:] == ("model", "training.py") for p in sources_outside_the_bank(REPO))
+    assert not any("memory_bank" in p.parts for p in sources_outside_the_bank(REPO))

@@ -45,3 +45,18 @@ def test_doctor_passes_on_the_default_toy_preset_with_its_shipped_weights(tmp_pa
     assert result.exit_code == 0, result.output
     assert "ok   preset               toy" in result.output
     assert "model/toy/weights" in result.output
+
+
+def test_doctor_reports_the_manifest_database(tmp_path, monkeypatch):
+    from tests.postgres import temporary_database
+
+    monkeypatch.setenv("DITMEM_BANK_DIR", str(tmp_path / "bank"))
+    monkeypatch.delenv("DITMEM_REDIS_URL", raising=False)
+    with temporary_database() as url:
+        monkeypatch.setenv("DITMEM_DATABASE_URL", url)
+        result = CliRunner().invoke(app, ["doctor", "--preset", "tiny"])
+        assert result.exit_code == 0, result.output
+        assert "ok   manifest             PostgreSQL 15" in result.output
+    monkeypatch.setenv("DITMEM_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none")
+    result = CliRunner().invoke(app, ["doctor", "--preset", "tiny"])
+    assert result.exit_code == 1 and "FAIL manifest" in result.output

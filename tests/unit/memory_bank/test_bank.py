@@ -348,3 +348,140 @@ def test_clips_without_latent_or_source_are_reported_unrecoverable(
             kept, MemoryWanPipeline(**build_tiny_components(seed=7)), TINY
         ).refresh_tokens()
         assert outcome.updated == [record.clip_id]
+
+
+# -- the bank's own write and read API, without ingest ---------------------------------------------
+
+
+def _new_clip(bank: MemoryBank, caption: str):
+    import hashlib
+
+    from memory_bank.bank import NewClip
+
+    return NewClip(
+        caption=caption, source_name=f"{caption}.mp4",
+        content_hash=hashlib.sha256(caption.encode()).hexdigest(),
+        duration_s=1.0, fps=8.0, num_frames=8, width=16, height=16, size_bytes=123, tags=("t",),
+        embedder=bank.embedder.name, text_embedding=bank.embedder.embed([caption])[0],
+    )  # fmt: skip
+
+
+def _tokens(seed: int):
+    from model.tokens import ClipTokens
+
+    generator = torch.Generator().manual_seed(seed)
+    return ClipTokens(
+        torch.randn(1, 3, 8, generator=generator),
+        torch.randn(1, 3, 8, generator=generator),
+        torch.tensor([2, 1, 1]),
+    )
+
+
+def _add(bank: MemoryBank, caption: str, *, latent=True, source: Path | None = None):
+    return bank.add_clip(
+        _new_clip(bank, caption),
+        tokens=_tokens(0),
+        encoder_version="v1",
+        poster_jpeg=b"\xff\xd8 not really a jpeg",
+        latent=torch.full((4, 2, 3, 3), float(len(caption))) if latent else None,
+        source=source,
+    )
+
+
+def test_add_clip_writes_every_file_before_the_row(tmp_path, embedder, bank_options, monkeypatch):
+    options = bank_options.model_copy(update={"keep_sources": True})
+    source = tmp_path / "upload.MP4"
+    source.write_bytes(b"the uploaded bytes")
+    with MemoryBank(tmp_path / "bank", embedder, options) as bank:
+        files_at_insert: list[Path] = []
+        insert = bank.store.insert
+
+        def checked_insert(*args, **kwargs):
+            files_at_insert.extend(bank_files(bank))
+            assert len(bank) == 0
+            return insert(*args, **kwargs)
+
+        monkeypatch.setattr(bank.store, "insert", checked_insert)
+        added = _add(bank, "a red square", source=source)
+
+        assert added.created and len(bank) == 1 and bank.index_size == 1
+        assert files_at_insert == bank_files(bank)
+        assert {p.parts[len(bank.root.parts)] for p in files_at_insert} == {
+            "tokens", "latents", "sources", "posters"
+        }  # fmt: skip
+        assert bank.search("red square", k=1)[0].clip_id == added.record.clip_id
+        assert bank.clip_source(added.record.clip_id).read_bytes() == b"the uploaded bytes"
+        assert bank.clip_source(added.record.clip_id).suffix == ".mp4"
+        assert torch.equal(bank.clip_latent(added.record.clip_id), torch.full((4, 2, 3, 3), 12.0))
+        cached = bank.clip_tokens([added.record.clip_id], "v1")
+        torch.testing.assert_close(cached.high, _tokens(0).high, atol=0.05, rtol=0.02)
+
+
+def test_add_clip_of_a_hash_already_stored_returns_that_clip(bank):
+    first = _add(bank, "a red square")
+    again = bank.add_clip(  # as when another process won the race past ingest's hash check
+        _new_clip(bank, "a red square"), tokens=_tokens(1), encoder_version="v1",
+        poster_jpeg=b"\xff\xd8 other",
+    )  # fmt: skip
+    assert not again.created and again.record == first.record
+    assert len(bank) == 1 and bank.index_size == 1
+
+
+def test_add_clip_passes_on_a_failed_insert_that_is_no_duplicate(bank, monkeypatch):
+    def broken_insert(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bank.store, "insert", broken_insert)
+    with pytest.raises(OSError, match="disk full"):
+        _add(bank, "a red square")
+    assert len(bank) == 0 and bank.index_size == 0
+
+
+def test_what_the_bank_does_not_keep_reads_as_none(tmp_path, embedder, bank_options):
+    source = tmp_path / "upload.mp4"
+    source.write_bytes(b"bytes")
+    lean_options = bank_options.model_copy(update={"keep_latents": False})
+    with MemoryBank(tmp_path / "lean", embedder, lean_options) as lean:
+        clip_id = _add(lean, "a red square", source=source).record.clip_id
+        assert lean.clip_latent(clip_id) is None  # offered, but the bank keeps no latents
+        assert lean.clip_source(clip_id) is None  # keep_sources is off by default
+        assert not any(p.parts[len(lean.root.parts)] in ("latents", "sources")
+                       for p in bank_files(lean))  # fmt: skip
+        with pytest.raises(ClipNotFound):
+            lean.clip_latent(clip_id + 1)
+        with pytest.raises(ClipNotFound):
+            lean.clip_source(clip_id + 1)
+
+
+def test_a_missing_latent_file_is_reported_as_corruption(bank):
+    record = _add(bank, "a red square").record
+    bank.store.latent_path(record.content_hash).unlink()
+    with pytest.raises(BankCorrupt, match="latent"):
+        bank.clip_latent(record.clip_id)
+
+
+def test_latent_batches_cover_clips_with_a_latent_in_id_order(bank):
+    ids = [_add(bank, caption).record.clip_id for caption in ("one", "three", "five")]
+    _add(bank, "no latent here", latent=False)
+
+    batches = list(bank.latent_batches(2))
+
+    assert [tuple(b.shape) for b in batches] == [(2, 4, 2, 3, 3), (1, 4, 2, 3, 3)]
+    assert [float(latent[0, 0, 0, 0]) for b in batches for latent in b] == [3.0, 5.0, 4.0]
+    assert bank.caption_embeddings()[0].tolist() == [*ids, ids[-1] + 1]
+    with pytest.raises(ValueError):
+        next(bank.latent_batches(0))
+
+
+def test_replace_tokens_makes_a_stale_clip_current(bank):
+    record = _add(bank, "a red square").record
+    assert bank.stale_clips("v1") == [] and bank.stale_clips("v2") == [record.clip_id]
+
+    bank.replace_tokens(record.clip_id, "v2", _tokens(5))
+
+    assert bank.get(record.clip_id).encoder_version == "v2"
+    assert bank.stale_clips("v2") == []
+    cached = bank.clip_tokens([record.clip_id], "v2")
+    torch.testing.assert_close(cached.low, _tokens(5).low, atol=0.05, rtol=0.02)
+    assert bank.find_by_hash(record.content_hash) == bank.get(record.clip_id)
+    assert bank.find_by_hash("0" * 64) is None

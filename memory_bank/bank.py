@@ -214,9 +214,13 @@ class MemoryBank:
     def get(self, clip_id: int) -> ClipRecord:
         return self.store.get(clip_id)
 
-    def poster_path(self, record: ClipRecord) -> Path:
-        """Where the clip's poster frame (a JPEG) is stored."""
-        return self.store.poster_path(record.content_hash)
+    def poster_jpeg(self, clip_id: int) -> bytes:
+        """The clip's poster frame (JPEG bytes) for listings."""
+        jpeg = self.store.poster_jpeg(clip_id)
+        if jpeg is None:
+            self.store.get(clip_id)  # ClipNotFound for an unknown id
+            raise ClipNotFound(f"clip {clip_id} has no poster frame")
+        return jpeg
 
     def get_many(self, clip_ids: list[int]) -> list[ClipRecord]:
         """Records in the order of ``clip_ids``; unknown ids raise :class:`ClipNotFound`."""
@@ -298,9 +302,11 @@ class MemoryBank:
                 f"clips {stale} have no tokens for encoder {encoder_version}; recompute the "
                 "bank's tokens for this encoder"
             )
-        return ClipTokens.stack(
-            [self.store.read_tokens(r.content_hash, encoder_version) for r in records]
-        )
+        cached = self.store.tokens_of(clip_ids, encoder_version)
+        missing = [clip_id for clip_id in clip_ids if clip_id not in cached]
+        if missing:
+            raise BankCorrupt(f"clips {missing} lost their tokens; recompute the bank's tokens")
+        return ClipTokens.stack([cached[clip_id] for clip_id in clip_ids])
 
     # -- writing -----------------------------------------------------------------------------------
 
@@ -334,15 +340,18 @@ class MemoryBank:
         if self.options.keep_sources and source is not None:
             source_ext = source.suffix.lower() or ".bin"
         content_hash = clip.content_hash
-        self.store.put_poster(content_hash, poster_jpeg)
-        self.store.put_tokens(content_hash, encoder_version, tokens)
         if keep_latent:
             self.store.put_latent(content_hash, latent)
         if source_ext is not None:
             self.store.put_source(content_hash, source_ext, source)
         try:
             record = self.store.insert(
-                clip, encoder_version=encoder_version, has_latent=keep_latent, source_ext=source_ext
+                clip,
+                tokens=tokens,
+                encoder_version=encoder_version,
+                poster_jpeg=poster_jpeg,
+                has_latent=keep_latent,
+                source_ext=source_ext,
             )
         except DuplicateClip:
             # Another writer stored the same file first; its files are the same as these.
@@ -354,14 +363,9 @@ class MemoryBank:
         return AddedClip(record, created=True)
 
     def replace_tokens(self, clip_id: int, encoder_version: str, tokens: ClipTokens) -> None:
-        """Cache the clip's tokens ``(1, U, F)`` from another encoder and make them current.
-
-        The tokens file is written before the row names its version, so a crash in between
-        leaves the clip stale (recomputed next time), never pointing at a missing file.
-        """
-        content_hash, _, _ = self.store.storage_of(clip_id)
-        self.store.put_tokens(content_hash, encoder_version, tokens)
-        self.store.set_encoder_version(clip_id, encoder_version)
+        """Cache the clip's tokens ``(1, U, F)`` from another encoder and make them current, in
+        one transaction (the tokens of the previous version stay for workers still using it)."""
+        self.store.set_tokens(clip_id, encoder_version, tokens)
 
     def delete(self, clip_id: int) -> ClipRecord:
         """Remove a clip's row, files and index entry."""

@@ -77,6 +77,28 @@ changes = sa.Table(
     sqlite_autoincrement=True,
 )
 
+# A clip's small payloads live in the manifest rather than as files: one query fetches the
+# tokens of a request's k clips on any host, they commit atomically with the clip's row, and a
+# bank holds no millions of tiny files (docs/benchmarks.md, "Where a clip's small files go").
+clip_tokens = sa.Table(
+    "clip_tokens",
+    metadata,
+    sa.Column(
+        "clip_id", BigId, sa.ForeignKey("clips.clip_id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("encoder_version", sa.Text, primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),  # safetensors: high, low, counts (bf16)
+)
+
+clip_posters = sa.Table(
+    "clip_posters",
+    metadata,
+    sa.Column(
+        "clip_id", BigId, sa.ForeignKey("clips.clip_id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("jpeg", sa.LargeBinary, nullable=False),
+)
+
 meta = sa.Table(
     "meta",
     metadata,

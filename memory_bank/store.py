@@ -4,16 +4,16 @@ The manifest is the SQLite file below or, with ``database_url``, a PostgreSQL da
 (``memory_bank.manifest`` defines the schema once and migrates it). Layout of a bank directory::
 
     manifest.sqlite3                      clips, tags, change log (the source of truth; SQLite)
-    tokens/<encoder_version>/ab/<hash>.safetensors   distinct per-clip memory tokens
     latents/ab/<hash>.safetensors         canonical VAE latent (optional)
     sources/ab/<hash><ext>                uploaded file (optional)
-    posters/ab/<hash>.jpg                 a small poster frame for listings
     index/                                indexes: materialised views of the manifest
     tmp/                                  partial writes; emptied on open
 
-Every file is written to ``tmp/`` and renamed into place; the manifest row comes last, in one
-transaction with its change-log entry. A crash at any point leaves at worst unreferenced files,
-which :meth:`ClipStore.collect_garbage` removes; a row never points at a missing file.
+A clip's memory tokens (a few KB per encoder version) and poster frame live in the manifest
+itself, written in the same transaction as its row and change-log entry. Files (latents and
+sources) are written to ``tmp/`` and renamed into place before that transaction. A crash at any
+point leaves at worst unreferenced files, which :meth:`ClipStore.collect_garbage` removes; a row
+never points at a missing file.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from memory_bank import manifest
 from memory_bank.errors import BankCorrupt, ClipNotFound, DuplicateClip
-from memory_bank.manifest import changes, clip_tags, clips, meta
+from memory_bank.manifest import changes, clip_posters, clip_tags, clip_tokens, clips, meta
 from memory_bank.schemas import ClipPage, ClipRecord
 from model.atomic import atomic_path
 from model.tokens import ClipTokens
@@ -95,13 +95,14 @@ class ClipStore:
 
     def __init__(self, root: str | Path, database_url: str | None = None) -> None:
         self.root = Path(root)
-        for folder in ("tokens", "latents", "sources", "posters", "index", "tmp"):
+        for folder in ("latents", "sources", "index", "tmp"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._clear_tmp()
         url = manifest.database_url(self.root, database_url)
         self._writer, self._reader = manifest.create_engines(url)
         self._postgres = url.get_backend_name() == "postgresql"
         manifest.upgrade(self._writer)
+        self._adopt_file_payloads()
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -149,33 +150,11 @@ class ClipStore:
 
     # -- files -------------------------------------------------------------------------------------
 
-    def tokens_path(self, content_hash: str, encoder_version: str) -> Path:
-        return self.root / "tokens" / encoder_version / f"{_shard(content_hash)}.safetensors"
-
     def latent_path(self, content_hash: str) -> Path:
         return self.root / "latents" / f"{_shard(content_hash)}.safetensors"
 
     def source_path(self, content_hash: str, ext: str) -> Path:
         return self.root / "sources" / f"{_shard(content_hash)}{ext}"
-
-    def poster_path(self, content_hash: str) -> Path:
-        return self.root / "posters" / f"{_shard(content_hash)}.jpg"
-
-    def put_poster(self, content_hash: str, jpeg: bytes) -> Path:
-        path = self.poster_path(content_hash)
-        return self.write_atomically(path, lambda tmp: tmp.write_bytes(jpeg))
-
-    def put_tokens(self, content_hash: str, encoder_version: str, tokens: ClipTokens) -> Path:
-        """Store one clip's distinct tokens ``(1, U, F)`` in bf16 (a few KB)."""
-        if tokens.num_clips != 1:
-            raise ValueError("store the tokens of one clip at a time")
-        tensors = {
-            "high": tokens.high[0].detach().to(torch.bfloat16).cpu().contiguous(),
-            "low": tokens.low[0].detach().to(torch.bfloat16).cpu().contiguous(),
-            "counts": tokens.counts.detach().cpu().contiguous(),
-        }
-        path = self.tokens_path(content_hash, encoder_version)
-        return self.write_atomically(path, lambda tmp: save_file(tensors, tmp))
 
     def put_latent(self, content_hash: str, latent: torch.Tensor) -> Path:
         tensors = {"latent": latent.detach().to(torch.bfloat16).cpu().contiguous()}
@@ -186,20 +165,6 @@ class ClipStore:
         path = self.source_path(content_hash, ext)
         return self.write_atomically(path, lambda tmp: shutil.copyfile(source, tmp))
 
-    def read_tokens(self, content_hash: str, encoder_version: str) -> ClipTokens:
-        path = self.tokens_path(content_hash, encoder_version)
-        try:
-            tensors = load_file(path)
-        except FileNotFoundError:
-            raise BankCorrupt(
-                f"token file {path} is missing; recompute the bank's tokens"
-            ) from None
-        return ClipTokens(
-            tensors["high"].unsqueeze(0).float(),
-            tensors["low"].unsqueeze(0).float(),
-            tensors["counts"],
-        )
-
     def read_latent(self, content_hash: str) -> torch.Tensor:
         return load_file(self.latent_path(content_hash))["latent"].float()
 
@@ -209,11 +174,14 @@ class ClipStore:
         self,
         clip: NewClip,
         *,
-        encoder_version: str | None,
+        tokens: ClipTokens,
+        encoder_version: str,
+        poster_jpeg: bytes,
         has_latent: bool,
         source_ext: str | None,
     ) -> ClipRecord:
-        """Add a clip row (its files must already be in place) and log the change.
+        """Add a clip row with its tokens and poster (its files must already be in place) and
+        log the change, in one transaction.
 
         Raises:
             DuplicateClip: a clip with the same content hash is already in the manifest.
@@ -240,6 +208,12 @@ class ClipStore:
                         sa.insert(clip_tags),
                         [{"clip_id": clip_id, "tag": tag} for tag in dict.fromkeys(clip.tags)],
                     )
+                db.execute(
+                    sa.insert(clip_tokens).values(
+                        clip_id=clip_id, encoder_version=encoder_version, data=_tokens_bytes(tokens)
+                    )
+                )
+                db.execute(sa.insert(clip_posters).values(clip_id=clip_id, jpeg=poster_jpeg))
                 db.execute(sa.insert(changes).values(clip_id=clip_id, op="add"))
         except sa.exc.IntegrityError as error:
             if self.find_by_hash(clip.content_hash) is not None:
@@ -299,8 +273,9 @@ class ClipStore:
         record = self.get(clip_id)
         content_hash, has_latent, source_ext = self.storage_of(clip_id)
         with self._transaction(logs_changes=True) as db:
-            # Tags go explicitly: foreign-key cascades are off in some SQLite builds.
-            db.execute(sa.delete(clip_tags).where(clip_tags.c.clip_id == clip_id))
+            # Dependent rows go explicitly: foreign-key cascades are off in some SQLite builds.
+            for table in (clip_tags, clip_tokens, clip_posters):
+                db.execute(sa.delete(table).where(table.c.clip_id == clip_id))
             deleted = db.execute(sa.delete(clips).where(clips.c.clip_id == clip_id)).rowcount
             if not deleted:
                 raise ClipNotFound(f"no clip with id {clip_id}")
@@ -310,21 +285,85 @@ class ClipStore:
         return record
 
     def _remove_files(self, content_hash: str, *, has_latent: bool, source_ext: str | None) -> None:
-        for version_dir in (self.root / "tokens").iterdir():
-            (version_dir / f"{_shard(content_hash)}.safetensors").unlink(missing_ok=True)
-        self.poster_path(content_hash).unlink(missing_ok=True)
         if has_latent:
             self.latent_path(content_hash).unlink(missing_ok=True)
         if source_ext:
             self.source_path(content_hash, source_ext).unlink(missing_ok=True)
 
-    def set_encoder_version(self, clip_id: int, encoder_version: str) -> None:
-        with self._transaction() as db:
-            db.execute(
-                sa.update(clips)
-                .where(clips.c.clip_id == clip_id)
-                .values(encoder_version=encoder_version)
+    # -- small payloads: tokens and posters ----------------------------------------------------
+
+    def tokens_of(self, clip_ids: list[int], encoder_version: str) -> dict[int, ClipTokens]:
+        """Cached tokens ``(1, U, F)`` of those clips that have them for ``encoder_version``."""
+        if not clip_ids:
+            return {}
+        rows = self._query(
+            sa.select(clip_tokens.c.clip_id, clip_tokens.c.data).where(
+                clip_tokens.c.clip_id.in_(clip_ids),
+                clip_tokens.c.encoder_version == encoder_version,
             )
+        )
+        return {clip_id: _tokens_from_bytes(data) for clip_id, data in rows}
+
+    def set_tokens(self, clip_id: int, encoder_version: str, tokens: ClipTokens) -> None:
+        """Store the clip's tokens for ``encoder_version`` and make that version current."""
+        data = _tokens_bytes(tokens)
+        version = clip_tokens.c.encoder_version
+        key = (clip_tokens.c.clip_id == clip_id) & (version == encoder_version)
+        with self._transaction() as db:
+            current = sa.update(clips).where(clips.c.clip_id == clip_id)
+            if not db.execute(current.values(encoder_version=encoder_version)).rowcount:
+                raise ClipNotFound(f"no clip with id {clip_id}")
+            db.execute(sa.delete(clip_tokens).where(key))
+            db.execute(
+                sa.insert(clip_tokens).values(
+                    clip_id=clip_id, encoder_version=encoder_version, data=data
+                )
+            )
+
+    def poster_jpeg(self, clip_id: int) -> bytes | None:
+        return self._scalar(sa.select(clip_posters.c.jpeg).where(clip_posters.c.clip_id == clip_id))
+
+    def _adopt_file_payloads(self) -> None:
+        """Read the token and poster files of a bank made before they moved into the manifest.
+
+        Runs on every open but costs one directory listing once the folders are gone; a crash
+        half-way simply adopts the rest next time (rows already adopted are kept).
+        """
+        tokens_dir, posters_dir = self.root / "tokens", self.root / "posters"
+        if not tokens_dir.is_dir() and not posters_dir.is_dir():
+            return
+        by_hash = {
+            row.content_hash: row.clip_id
+            for row in self._query(sa.select(clips.c.clip_id, clips.c.content_hash))
+        }
+        for path in sorted(tokens_dir.glob("*/*/*.safetensors")):
+            clip_id = by_hash.get(path.name.removesuffix(".safetensors"))
+            version = path.parent.parent.name
+            if clip_id is not None:
+                with self._transaction() as db:
+                    exists = db.execute(
+                        sa.select(clip_tokens.c.clip_id).where(
+                            clip_tokens.c.clip_id == clip_id,
+                            clip_tokens.c.encoder_version == version,
+                        )
+                    ).first()
+                    if exists is None:
+                        db.execute(
+                            sa.insert(clip_tokens).values(
+                                clip_id=clip_id, encoder_version=version, data=path.read_bytes()
+                            )
+                        )
+            path.unlink()
+        for path in sorted(posters_dir.glob("*/*.jpg")):
+            clip_id = by_hash.get(path.stem)
+            if clip_id is not None and self.poster_jpeg(clip_id) is None:
+                with self._transaction() as db:
+                    db.execute(
+                        sa.insert(clip_posters).values(clip_id=clip_id, jpeg=path.read_bytes())
+                    )
+            path.unlink()
+        for folder in (tokens_dir, posters_dir):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def stale_clips(self, encoder_version: str) -> list[int]:
         """Ids of clips whose cached tokens were made by another encoder version."""
@@ -411,7 +450,7 @@ class ClipStore:
         """
         referenced = self.referenced_hashes()
         removed = 0
-        for folder in ("tokens", "latents", "sources", "posters"):
+        for folder in ("latents", "sources"):
             for path in (self.root / folder).rglob("*"):
                 if (
                     path.is_file()
@@ -425,3 +464,23 @@ class ClipStore:
 
 def _vector_bytes(vector: np.ndarray) -> bytes:
     return np.asarray(vector, dtype=np.float32).tobytes()
+
+
+def _tokens_bytes(tokens: ClipTokens) -> bytes:
+    """One clip's distinct tokens ``(1, U, F)`` as safetensors bytes, in bf16 (a few KB)."""
+    if tokens.num_clips != 1:
+        raise ValueError("store the tokens of one clip at a time")
+    return save(
+        {
+            "high": tokens.high[0].detach().to(torch.bfloat16).cpu().contiguous(),
+            "low": tokens.low[0].detach().to(torch.bfloat16).cpu().contiguous(),
+            "counts": tokens.counts.detach().cpu().contiguous(),
+        }
+    )
+
+
+def _tokens_from_bytes(data: bytes) -> ClipTokens:
+    tensors = load(data)
+    return ClipTokens(
+        tensors["high"].unsqueeze(0).float(), tensors["low"].unsqueeze(0).float(), tensors["counts"]
+    )

@@ -10,9 +10,9 @@ from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, File, Form, Query, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 
-from memory_bank.errors import ClipNotFound, ClipRejected
+from memory_bank.errors import ClipRejected
 from memory_bank.ingest import MAX_CAPTION_CHARS, clean_tags
 from memory_bank.schemas import ClipRecord
 from model.errors import InvalidClip
@@ -141,15 +141,13 @@ def get_clip(clip_id: ClipId, caller: CallerDep, bank: BankDep) -> ClipView:
 
 @router.get(
     "/{clip_id}/poster",
-    response_class=FileResponse,
+    response_class=Response,
     responses={404: {"model": ErrorBody}, 200: {"content": {"image/jpeg": {}}}},
 )
-def get_poster(clip_id: ClipId, caller: CallerDep, bank: BankDep) -> FileResponse:
-    record = bank.get(clip_id)
-    path = bank.poster_path(record)
-    if not path.is_file():
-        raise ClipNotFound(f"clip {clip_id} has no poster frame")
-    return FileResponse(path, media_type="image/jpeg")
+def get_poster(clip_id: ClipId, caller: CallerDep, bank: BankDep) -> Response:
+    # Posters never change for a clip id (ids are not reused): cache them for a day.
+    headers = {"Cache-Control": "private, max-age=86400"}
+    return Response(bank.poster_jpeg(clip_id), media_type="image/jpeg", headers=headers)
 
 
 @router.delete("/{clip_id}", response_model=ClipView, responses={404: {"model": ErrorBody}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import threading
 from pathlib import Path
@@ -49,7 +50,7 @@ def test_ingest_stores_record_tokens_latent_and_index_entry(bank, ingestor, clip
     assert bank.store.latent_path(record.content_hash).is_file()  # keep_latents defaults on
     from PIL import Image
 
-    with Image.open(bank.store.poster_path(record.content_hash)) as poster:
+    with Image.open(io.BytesIO(bank.poster_jpeg(record.clip_id))) as poster:
         # A 48x48 clip is enlarged by a whole factor (2) so small clips stay visible.
         assert poster.format == "JPEG" and poster.size == (96, 96)
 
@@ -291,7 +292,7 @@ def _clip(path: Path) -> Path:
 
 def test_garbage_collection_only_removes_unreferenced_files(bank, ingestor, clips):
     kept = ingestor.ingest(clips["red_right"], "a red square").record
-    orphan = bank.store.tokens_path("f" * 64, "v0")
+    orphan = bank.store.latent_path("f" * 64)
     orphan.parent.mkdir(parents=True)
     shutil.copyfile(bank_files(bank)[0], orphan)
 
@@ -406,9 +407,9 @@ def test_add_clip_writes_every_file_before_the_row(tmp_path, embedder, bank_opti
 
         assert added.created and len(bank) == 1 and bank.index_size == 1
         assert files_at_insert == bank_files(bank)
-        assert {p.parts[len(bank.root.parts)] for p in files_at_insert} == {
-            "tokens", "latents", "sources", "posters"
-        }  # fmt: skip
+        # Latent and source are files; tokens and poster go with the row itself.
+        assert {p.parts[len(bank.root.parts)] for p in files_at_insert} == {"latents", "sources"}
+        assert bank.poster_jpeg(added.record.clip_id).startswith(b"\xff\xd8")
         assert bank.search("red square", k=1)[0].clip_id == added.record.clip_id
         assert bank.clip_source(added.record.clip_id).read_bytes() == b"the uploaded bytes"
         assert bank.clip_source(added.record.clip_id).suffix == ".mp4"

@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+import torch
+from safetensors.torch import save
 
 from memory_bank.bank import MemoryBank
 from memory_bank.errors import ClipNotFound, DuplicateClip
 from memory_bank.store import ClipStore, NewClip
+from model.tokens import ClipTokens
 from tests.postgres import temporary_database, terminate_connections
 
 DIM = 8
@@ -40,9 +43,20 @@ def new_clip(index: int, tags: tuple[str, ...] = ()) -> NewClip:
     )
 
 
+def tokens(index: int) -> ClipTokens:
+    generator = torch.Generator().manual_seed(index)
+    return ClipTokens(
+        torch.randn(1, 2, DIM, generator=generator),
+        torch.randn(1, 2, DIM, generator=generator),
+        torch.tensor([3, 1]),
+    )
+
+
 def add(store: ClipStore, index: int, tags: tuple[str, ...] = ()):
-    clip = new_clip(index, tags)
-    return store.insert(clip, encoder_version="v1", has_latent=True, source_ext=None)
+    return store.insert(
+        new_clip(index, tags), tokens=tokens(index), encoder_version="v1",
+        poster_jpeg=b"jpeg %d" % index, has_latent=True, source_ext=None,
+    )  # fmt: skip
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -77,8 +91,16 @@ def test_records_tags_and_the_change_log(store: ClipStore):
     assert ids.tolist() == [first.clip_id, second.clip_id]
     assert np.allclose(vectors[0], new_clip(1).text_embedding)
 
+    cached = store.tokens_of([first.clip_id, second.clip_id, 999], "v1")
+    assert set(cached) == {first.clip_id, second.clip_id}
+    assert torch.allclose(cached[first.clip_id].high, tokens(1).high, atol=0.02)  # stored bf16
+    assert torch.equal(cached[first.clip_id].counts, tokens(1).counts)
+    assert store.tokens_of([first.clip_id], "v2") == {}
+    assert store.poster_jpeg(second.clip_id) == b"jpeg 2"
+
     store.delete(first.clip_id)
     assert store.find_by_id(first.clip_id) is None
+    assert store.tokens_of([first.clip_id], "v1") == {} and store.poster_jpeg(first.clip_id) is None
     assert store.list(tag="red").total == 0  # its tags went with it
     log = [(c.clip_id, c.op) for c in store.changes_since(0)]
     assert log == [(first.clip_id, "add"), (second.clip_id, "add"), (first.clip_id, "delete")]
@@ -97,8 +119,12 @@ def test_the_same_content_twice_is_a_duplicate(store: ClipStore):
 def test_stale_clips_and_encoder_versions(store: ClipStore):
     clip = add(store, 1)
     assert store.stale_clips("v1") == [] and store.stale_clips("v2") == [clip.clip_id]
-    store.set_encoder_version(clip.clip_id, "v2")
-    assert store.stale_clips("v2") == []
+    store.set_tokens(clip.clip_id, "v2", tokens(2))
+    assert store.stale_clips("v2") == [] and store.get(clip.clip_id).encoder_version == "v2"
+    # Both versions stay: workers still on the old encoder keep serving during a retoken.
+    assert set(store.tokens_of([clip.clip_id], "v1")) == set(store.tokens_of([clip.clip_id], "v2"))
+    with pytest.raises(ClipNotFound):
+        store.set_tokens(424242, "v2", tokens(2))
     assert store.storage_of(clip.clip_id) == (clip.content_hash, True, None)
 
 
@@ -196,6 +222,15 @@ def test_a_bank_of_the_previous_release_upgrades_in_place_with_nothing_lost(tmp_
             )  # fmt: skip
             old.execute("INSERT INTO clip_tags VALUES (?, 'kept')", (clip_id,))
             old.execute("INSERT INTO changes (clip_id, op) VALUES (?, 'add')", (clip_id,))
+    # ...and its token and poster files, where that release kept them.
+    legacy_tokens = tokens(5)
+    token_file = root / "tokens" / "v1" / "ha" / "hash5.safetensors"
+    token_file.parent.mkdir(parents=True)
+    token_file.write_bytes(save({"high": legacy_tokens.high[0], "low": legacy_tokens.low[0],
+                                 "counts": legacy_tokens.counts}))  # fmt: skip
+    poster_file = root / "posters" / "ha" / "hash2.jpg"
+    poster_file.parent.mkdir(parents=True)
+    poster_file.write_bytes(b"old poster")
 
     store = ClipStore(root)
     assert [r.clip_id for r in store.list().items] == [5, 2, 1]
@@ -203,6 +238,9 @@ def test_a_bank_of_the_previous_release_upgrades_in_place_with_nothing_lost(tmp_
     assert store.storage_of(5) == ("hash5", True, None)
     assert np.array_equal(store.embeddings()[1][0], vector)
     assert [c.clip_id for c in store.changes_since(0)] == [1, 2, 5]
+    assert torch.equal(store.tokens_of([5], "v1")[5].high, legacy_tokens.high)
+    assert store.poster_jpeg(2) == b"old poster"
+    assert not (root / "tokens").exists() and not (root / "posters").exists()
     assert store.meta("schema_version") == "1"  # the old table and its rows stay as they were
     new = add(store, 7)
     assert new.clip_id == 6  # AUTOINCREMENT continues where the old bank stopped
@@ -210,7 +248,7 @@ def test_a_bank_of_the_previous_release_upgrades_in_place_with_nothing_lost(tmp_
 
     with sa.create_engine(f"sqlite:///{root / 'manifest.sqlite3'}").connect() as connection:
         version = connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-    assert version == "0001"
+    assert version == "0002"
     ClipStore(root).close()  # opening again changes nothing
 
 

@@ -16,7 +16,13 @@ from fastapi import FastAPI
 
 from memory_bank.bank import MemoryBank
 from model.presets import get_preset
-from runtime.builders import build_ingestor, load_pipeline_from, open_bank
+from runtime.builders import (
+    Storages,
+    build_ingestor,
+    load_pipeline_from,
+    open_bank,
+    open_storages,
+)
 from runtime.celery_app import make_celery
 from runtime.dispatch import CeleryDispatcher, EmbeddedDispatcher
 from runtime.jobs import JobStore, MemoryJobStore, RedisJobStore
@@ -32,7 +38,12 @@ logger = logging.getLogger(__name__)
 
 
 def build_runner(
-    settings: Settings, store: JobStore, metrics: MetricsSink, bank: MemoryBank, name: str
+    settings: Settings,
+    store: JobStore,
+    metrics: MetricsSink,
+    bank: MemoryBank,
+    storages: Storages,
+    name: str,
 ) -> JobRunner:
     """Load the pipeline here, in the process that runs jobs (a worker is never forked)."""
     pipe = load_pipeline_from(settings)
@@ -52,7 +63,10 @@ def build_runner(
         get_preset(settings.preset),
         bank,
         ingestor,
-        settings.results_dir,
+        results=storages.results,
+        uploads=storages.uploads,
+        # Private to this process: videos are written here, then stored.
+        scratch_dir=settings.results_dir / ".work",
         lease_s=settings.job_lease_s,
         name=name,
         metrics=metrics,
@@ -63,7 +77,8 @@ def build_api_state(settings: Settings) -> AppState:
     """Job store, dispatcher, bank and metrics of the API process (and, embedded, its worker)."""
     settings.results_dir.mkdir(parents=True, exist_ok=True)
     settings.uploads_dir.mkdir(parents=True, exist_ok=True)
-    bank = open_bank(settings)
+    storages = open_storages(settings)
+    bank = open_bank(settings, storages)
     if settings.redis_url:
         store = RedisJobStore(settings.redis_url)
         return AppState(
@@ -71,17 +86,20 @@ def build_api_state(settings: Settings) -> AppState:
             store=store,
             dispatcher=CeleryDispatcher(make_celery(settings), store.redis),
             bank=bank,
+            storages=storages,
             mode="celery",
             metrics=RedisMetrics(store.redis),
             workers_ready=lambda: len(store.workers_ready()),
         )
     memory_store, metrics = MemoryJobStore(), LocalMetrics()
-    worker = EmbeddedWorker(build_runner(settings, memory_store, metrics, bank, "embedded"))
+    runner = build_runner(settings, memory_store, metrics, bank, storages, "embedded")
+    worker = EmbeddedWorker(runner)
     return AppState(
         settings=settings,
         store=memory_store,
         dispatcher=EmbeddedDispatcher(worker),
         bank=bank,
+        storages=storages,
         mode="embedded",
         metrics=metrics,
         workers_ready=lambda: 1,
@@ -102,5 +120,7 @@ def run_worker(settings: Settings, queues: str = "generate,ingest") -> None:
     """``ditmem worker``: a Celery worker process with its own model, bank and runner."""
     store = RedisJobStore(settings.redis_url)
     name = settings.worker_name or default_worker_name()
-    runner = build_runner(settings, store, RedisMetrics(store.redis), open_bank(settings), name)
+    storages = open_storages(settings)
+    bank = open_bank(settings, storages)
+    runner = build_runner(settings, store, RedisMetrics(store.redis), bank, storages, name)
     serve_tasks(settings, runner, store, queues)

@@ -111,6 +111,21 @@ def check_database(settings: Settings) -> Check:
         return Check("manifest", False, f"{url.render_as_string()}: {error.__cause__ or error}")
 
 
+def check_object_storage(settings: Settings) -> Check:
+    if settings.storage_url is None:
+        return Check("object storage", True, "not configured: local folders (one host)")
+    from memory_bank.errors import BankError
+    from runtime.builders import open_storages
+
+    try:
+        results = open_storages(settings).results
+        results.put_bytes("doctor-probe", b"ok")
+        results.delete("doctor-probe")
+        return Check("object storage", True, f"{results.describe()} writable")
+    except (BankError, ValueError) as error:
+        return Check("object storage", False, str(error))
+
+
 def check_storage(settings: Settings) -> list[Check]:
     checks = []
     for name in ("bank_dir", "results_dir", "uploads_dir"):
@@ -155,5 +170,6 @@ def run_checks(settings: Settings) -> list[Check]:
         *check_weights(settings),
         check_redis(settings),
         check_database(settings),
+        check_object_storage(settings),
         *check_storage(settings),
     ]

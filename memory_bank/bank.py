@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -23,6 +24,7 @@ from memory_bank.embed import TextEmbedder
 from memory_bank.errors import BankCorrupt, ClipNotFound, DuplicateClip
 from memory_bank.index import IndexConfig
 from memory_bank.schemas import ClipPage, ClipRecord, SearchHit
+from memory_bank.storage import ObjectMissing, ObjectStorage
 from memory_bank.store import ClipStore, NewClip
 from memory_bank.synced_index import SyncedIndex
 from model.tokens import ClipTokens
@@ -75,6 +77,8 @@ class MemoryBank:
         visual: Optional keyframe/prompt embedder; adds a visual index fused into search.
         database_url: Where the manifest lives: ``None`` for the SQLite file in ``root``, or a
             ``postgresql://`` URL that every host of a fleet can share.
+        files: Where latents and sources live: ``None`` for ``root`` itself, or a bucket
+            (``memory_bank.storage``). The FAISS index files stay in ``root``.
     """
 
     def __init__(
@@ -84,12 +88,13 @@ class MemoryBank:
         options: BankOptions | None = None,
         visual: VisualEmbedder | None = None,
         database_url: str | None = None,
+        files: ObjectStorage | None = None,
     ) -> None:
         self.root = Path(root)
         self.embedder = embedder
         self.visual = visual
         self.options = options or BankOptions()
-        self.store = ClipStore(self.root, database_url)
+        self.store = ClipStore(self.root, database_url, files)
         self._check_models()
         self._sync = threading.Lock()
         self._unsaved = 0
@@ -255,15 +260,16 @@ class MemoryBank:
             return None
         try:
             return self.store.read_latent(content_hash)
-        except FileNotFoundError:
+        except ObjectMissing:
             if self.store.find_by_id(clip_id) is None:  # deleted meanwhile
                 raise ClipNotFound(f"no clip with id {clip_id}") from None
             raise BankCorrupt(f"the latent file of clip {clip_id} is missing") from None
 
-    def clip_source(self, clip_id: int) -> Path | None:
-        """Where the clip's uploaded file is kept; ``None`` when it was not (``keep_sources``)."""
+    def clip_source(self, clip_id: int) -> AbstractContextManager[Path] | None:
+        """The clip's uploaded file as a local path for a ``with`` block (a download when the
+        bank's files are in a bucket); ``None`` when it was not kept (``keep_sources``)."""
         content_hash, _, source_ext = self.store.storage_of(clip_id)
-        return self.store.source_path(content_hash, source_ext) if source_ext else None
+        return self.store.source_copy(content_hash, source_ext) if source_ext else None
 
     def latent_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Stored latents of every clip that kept one, by ascending id, ``batch_size`` at a time.

@@ -215,7 +215,8 @@ class ClipIngestor:
             if latent is not None:
                 latent = latent.unsqueeze(0)
             elif (source := self.bank.clip_source(clip_id)) is not None:
-                video = load_memory_clip(source, self.preset)
+                with source as path:
+                    video = load_memory_clip(path, self.preset)
                 latent = self.pipe.encode_clip_latents(video.unsqueeze(0))
             else:
                 outcome.unrecoverable.append(clip_id)

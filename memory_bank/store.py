@@ -21,7 +21,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,12 +29,13 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 import torch
-from safetensors.torch import load, load_file, save, save_file
+from safetensors.torch import load, save
 
 from memory_bank import manifest
 from memory_bank.errors import BankCorrupt, ClipNotFound, DuplicateClip
 from memory_bank.manifest import changes, clip_posters, clip_tags, clip_tokens, clips, meta
 from memory_bank.schemas import ClipPage, ClipRecord
+from memory_bank.storage import LocalStorage, ObjectMissing, ObjectStorage
 from model.atomic import atomic_path
 from model.tokens import ClipTokens
 
@@ -93,9 +94,16 @@ class ClipStore:
     """Manifest and files of one bank. Thread-safe; safe to share between processes and hosts
     (the manifest on PostgreSQL)."""
 
-    def __init__(self, root: str | Path, database_url: str | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        database_url: str | None = None,
+        files: ObjectStorage | None = None,
+    ) -> None:
         self.root = Path(root)
-        for folder in ("latents", "sources", "index", "tmp"):
+        # Latents and sources: the bank folder itself, or a bucket every host reaches.
+        self.files = files if files is not None else LocalStorage(self.root)
+        for folder in ("index", "tmp"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._clear_tmp()
         url = manifest.database_url(self.root, database_url)
@@ -143,30 +151,35 @@ class ClipStore:
             db.execute(sa.insert(meta).values(key=key, value=value))
 
     def write_atomically(self, target: Path, write) -> Path:
-        """Write through ``tmp/`` and rename, so ``target`` is either absent or complete."""
+        """Write a local file (the index's) through ``tmp/`` and rename: absent or complete."""
         with atomic_path(target, tmp_dir=self.root / "tmp", durable=True) as temporary:
             write(temporary)
         return target
 
-    # -- files -------------------------------------------------------------------------------------
+    # -- files: latents and sources, in ``files`` ---------------------------------------------
 
-    def latent_path(self, content_hash: str) -> Path:
-        return self.root / "latents" / f"{_shard(content_hash)}.safetensors"
+    @staticmethod
+    def latent_key(content_hash: str) -> str:
+        return f"latents/{_shard(content_hash)}.safetensors"
 
-    def source_path(self, content_hash: str, ext: str) -> Path:
-        return self.root / "sources" / f"{_shard(content_hash)}{ext}"
+    @staticmethod
+    def source_key(content_hash: str, ext: str) -> str:
+        return f"sources/{_shard(content_hash)}{ext}"
 
-    def put_latent(self, content_hash: str, latent: torch.Tensor) -> Path:
+    def put_latent(self, content_hash: str, latent: torch.Tensor) -> None:
         tensors = {"latent": latent.detach().to(torch.bfloat16).cpu().contiguous()}
-        path = self.latent_path(content_hash)
-        return self.write_atomically(path, lambda tmp: save_file(tensors, tmp))
+        self.files.put_bytes(self.latent_key(content_hash), save(tensors))
 
-    def put_source(self, content_hash: str, ext: str, source: Path) -> Path:
-        path = self.source_path(content_hash, ext)
-        return self.write_atomically(path, lambda tmp: shutil.copyfile(source, tmp))
+    def put_source(self, content_hash: str, ext: str, source: Path) -> None:
+        self.files.put_file(self.source_key(content_hash, ext), source)
 
     def read_latent(self, content_hash: str) -> torch.Tensor:
-        return load_file(self.latent_path(content_hash))["latent"].float()
+        """Raises :class:`~memory_bank.storage.ObjectMissing` when the file is gone."""
+        return load(self.files.get_bytes(self.latent_key(content_hash)))["latent"].float()
+
+    def source_copy(self, content_hash: str, ext: str) -> AbstractContextManager[Path]:
+        """A local file of the clip's source for the duration of a ``with`` block."""
+        return self.files.local_copy(self.source_key(content_hash, ext))
 
     # -- records -----------------------------------------------------------------------------------
 
@@ -286,9 +299,9 @@ class ClipStore:
 
     def _remove_files(self, content_hash: str, *, has_latent: bool, source_ext: str | None) -> None:
         if has_latent:
-            self.latent_path(content_hash).unlink(missing_ok=True)
+            self.files.delete(self.latent_key(content_hash))
         if source_ext:
-            self.source_path(content_hash, source_ext).unlink(missing_ok=True)
+            self.files.delete(self.source_key(content_hash, source_ext))
 
     # -- small payloads: tokens and posters ----------------------------------------------------
 
@@ -450,14 +463,18 @@ class ClipStore:
         """
         referenced = self.referenced_hashes()
         removed = 0
-        for folder in ("latents", "sources"):
-            for path in (self.root / folder).rglob("*"):
-                if (
-                    path.is_file()
-                    and path.name.split(".")[0] not in referenced
-                    and _older_than(path, min_age_s)
-                ):
-                    path.unlink(missing_ok=True)
+        now = time.time()
+        for folder in ("latents/", "sources/"):
+            for key in list(self.files.keys(folder)):
+                content_hash = key.rsplit("/", 1)[-1].split(".")[0]
+                if content_hash in referenced:
+                    continue
+                try:
+                    old = now - self.files.modified_at(key) > min_age_s
+                except ObjectMissing:
+                    continue
+                if old:
+                    self.files.delete(key)
                     removed += 1
         return removed
 

@@ -1,4 +1,4 @@
-"""Builds the long-lived objects (pipeline, bank, ingestor) from :class:`Settings`.
+"""Builds the long-lived objects (pipeline, storage, bank, ingestor) from :class:`Settings`.
 
 The CLI, the API process and the workers all build them here, so one setting means the same
 thing everywhere.
@@ -6,10 +6,13 @@ thing everywhere.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from memory_bank.bank import BankOptions, MemoryBank
 from memory_bank.embed import SentenceTransformerEmbedder
 from memory_bank.index import IndexConfig
 from memory_bank.ingest import ClipIngestor, IngestLimits
+from memory_bank.storage import LocalStorage, ObjectStorage, child, open_storage
 from model.pipeline import MemoryWanPipeline
 from model.presets import get_preset
 from runtime.settings import Settings
@@ -40,7 +43,31 @@ def bank_options(settings: Settings) -> BankOptions:
     )
 
 
-def open_bank(settings: Settings) -> MemoryBank:
+@dataclass(frozen=True)
+class Storages:
+    """Where the files that cross processes live: the bank's latents and sources, uploads
+    waiting for ingest, and the videos and records of jobs."""
+
+    bank: ObjectStorage
+    uploads: ObjectStorage
+    results: ObjectStorage
+
+
+def open_storages(settings: Settings) -> Storages:
+    """The three local folders, or one bucket with ``bank/``, ``uploads/`` and ``results/``."""
+    if settings.storage_url is None:
+        return Storages(
+            LocalStorage(settings.bank_dir),
+            LocalStorage(settings.uploads_dir),
+            LocalStorage(settings.results_dir),
+        )
+    root = open_storage(
+        settings.storage_url, settings.bank_dir, endpoint_url=settings.s3_endpoint_url
+    )
+    return Storages(child(root, "bank"), child(root, "uploads"), child(root, "results"))
+
+
+def open_bank(settings: Settings, storages: Storages | None = None) -> MemoryBank:
     embedder = SentenceTransformerEmbedder(settings.embedder_path)
     visual = None
     if settings.visual_checkpoint is not None:
@@ -53,6 +80,7 @@ def open_bank(settings: Settings) -> MemoryBank:
         bank_options(settings),
         visual=visual,
         database_url=settings.database_url,
+        files=(storages or open_storages(settings)).bank,
     )
 
 

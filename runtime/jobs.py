@@ -81,14 +81,14 @@ class IngestSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["ingest"] = "ingest"
-    upload_path: str
+    upload_key: str  # in the uploads storage, which every worker reaches
     caption: str
     tags: tuple[str, ...] = ()
     source_name: str | None = None
 
 
 class GenerateResult(BaseModel):
-    """Names of the video and its JSON record in the results folder."""
+    """Keys of the video and its JSON record in the results storage."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

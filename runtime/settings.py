@@ -77,6 +77,20 @@ class Settings(BaseSettings):
     )
     results_dir: Path = Field(Path("data/results"), description="videos and records of jobs")
     uploads_dir: Path = Field(Path("data/uploads"), description="uploads waiting for ingest")
+    storage_url: str | None = Field(
+        None,
+        description="s3://bucket/prefix: bank files, uploads and results in an S3-compatible "
+        "store every host reaches; unset: bank_dir, uploads_dir and results_dir",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="endpoint of a non-AWS S3 server (MinIO, Ceph, R2); credentials: AWS_*"
+    )
+    presigned_downloads: bool = Field(
+        False,
+        description="with S3 storage, GET /jobs/{id}/video redirects to a short-lived presigned "
+        "URL instead of streaming the video through the API",
+    )
+    presigned_ttl_s: int = Field(300, ge=10, le=7 * 24 * 3600, description="presigned URL life")
     job_lease_s: float = Field(
         120, gt=0, description="a running job whose worker is silent this long may run again"
     )

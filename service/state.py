@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from memory_bank.bank import MemoryBank
+from runtime.builders import Storages
 from runtime.dispatch import Dispatcher
 from runtime.jobs import JobStore
 from runtime.metrics import MetricsSink
@@ -19,6 +20,7 @@ class AppState:
     store: JobStore
     dispatcher: Dispatcher
     bank: MemoryBank
+    storages: Storages  # uploads waiting for workers, results to serve
     mode: Literal["celery", "embedded"]
     metrics: MetricsSink
     workers_ready: Callable[[], int]  # workers with a loaded model that can take jobs now

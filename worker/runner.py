@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from memory_bank.bank import MemoryBank
 from memory_bank.errors import BankError
 from memory_bank.ingest import ClipIngestor
+from memory_bank.storage import ObjectStorage
 from model.errors import GenerationCancelled, ModelError
 from model.pipeline import MemoryWanPipeline
 from model.presets import Preset
@@ -56,7 +58,9 @@ class JobRunner:
         preset: The pipeline's preset.
         bank: The memory bank shared with the API.
         ingestor: Adds uploads to the bank with this pipeline's encoder.
-        results_dir: Where videos and their JSON records go.
+        results: Where videos and their JSON records go (a folder or a bucket).
+        uploads: Where the uploads of ingest jobs wait.
+        scratch_dir: A private local folder where a video is written before it is stored.
         lease_s: How long a claim lasts without a progress report.
         name: This worker's name in job records.
     """
@@ -68,7 +72,9 @@ class JobRunner:
         preset: Preset,
         bank: MemoryBank,
         ingestor: ClipIngestor,
-        results_dir: Path,
+        results: ObjectStorage,
+        uploads: ObjectStorage,
+        scratch_dir: Path,
         lease_s: float = 120.0,
         name: str | None = None,
         metrics: MetricsSink | None = None,
@@ -78,8 +84,10 @@ class JobRunner:
         self.preset = preset
         self.bank = bank
         self.ingestor = ingestor
-        self.results_dir = Path(results_dir)
-        self.results_dir.mkdir(parents=True, exist_ok=True)
+        self.results = results
+        self.uploads = uploads
+        self.scratch_dir = Path(scratch_dir)
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
         self.lease_s = lease_s
         self.name = name or default_worker_name()
         self.encoder_version = ingestor.encoder_version
@@ -163,28 +171,33 @@ class JobRunner:
                 raise ClaimLost(job.job_id)
             cancel = reply == "cancel"
 
-        output = run_generation(
-            self.pipe,
-            self.preset,
-            spec,
-            self.results_dir / f"{job.job_id}.mp4",
-            bank=self.bank,
-            encoder_version=self.encoder_version,
-            job_id=job.job_id,
-            on_progress=on_progress,
-            # The progress report of each step already brought the cancel flag back.
-            should_cancel=lambda: cancel,
-        )
-        return GenerateResult(video=output.video.name, record=output.record_path.name)
+        with tempfile.TemporaryDirectory(dir=self.scratch_dir) as scratch:
+            output = run_generation(
+                self.pipe,
+                self.preset,
+                spec,
+                Path(scratch) / f"{job.job_id}.mp4",
+                bank=self.bank,
+                encoder_version=self.encoder_version,
+                job_id=job.job_id,
+                on_progress=on_progress,
+                # The progress report of each step already brought the cancel flag back.
+                should_cancel=lambda: cancel,
+            )
+            # The record after the video: a record never names a video that is not stored.
+            result = GenerateResult(video=output.video.name, record=output.record_path.name)
+            self.results.put_file(result.video, output.video, move=True)
+            self.results.put_file(result.record, output.record_path, move=True)
+        return result
 
     # -- ingest ------------------------------------------------------------------------------------
 
     def _ingest(self, spec: IngestSpec) -> IngestResult:
-        upload = Path(spec.upload_path)
         try:
-            outcome = self.ingestor.ingest(
-                upload, spec.caption, list(spec.tags), source_name=spec.source_name
-            )
+            with self.uploads.local_copy(spec.upload_key) as upload:
+                outcome = self.ingestor.ingest(
+                    upload, spec.caption, list(spec.tags), source_name=spec.source_name
+                )
         finally:
-            upload.unlink(missing_ok=True)
+            self.uploads.delete(spec.upload_key)
         return IngestResult(clip_id=outcome.record.clip_id, created=outcome.created)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 
 from runtime.jobs import GenerateResult, JobRecord
 from service.auth import Caller
 from service.deps import CallerDep, Offset, StateDep
+from service.downloads import serve_object
 from service.errors import JobNotFinished, JobNotFound
 from service.schemas import ErrorBody, JobPage, JobView
 from service.state import AppState
@@ -53,13 +54,25 @@ def cancel_job(job_id: str, caller: CallerDep, state: StateDep) -> JobView:
 
 @router.get(
     "/{job_id}/video",
-    response_class=FileResponse,
-    responses={**NOT_FOUND, 409: {"model": ErrorBody}, 200: {"content": {"video/mp4": {}}}},
+    responses={
+        **NOT_FOUND,
+        409: {"model": ErrorBody},
+        200: {"content": {"video/mp4": {}}},
+        206: {"description": "the byte range asked for"},
+        307: {"description": "a presigned URL of the video (DITMEM_PRESIGNED_DOWNLOADS)"},
+    },
 )
-def get_video(job_id: str, caller: CallerDep, state: StateDep) -> FileResponse:
+def get_video(job_id: str, caller: CallerDep, state: StateDep, request: Request) -> Response:
     """The mp4 of a succeeded generation; supports ``Range`` requests for seeking."""
     job = _own_job(state, caller, job_id)
     if job.status != "succeeded" or not isinstance(job.result, GenerateResult):
         raise JobNotFinished(job_id, job.status)
-    path = state.settings.results_dir / job.result.video
-    return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4")
+    settings = state.settings
+    return serve_object(
+        state.storages.results,
+        job.result.video,
+        request,
+        media_type="video/mp4",
+        filename=f"{job_id}.mp4",
+        presigned_ttl_s=settings.presigned_ttl_s if settings.presigned_downloads else None,
+    )

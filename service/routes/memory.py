@@ -75,28 +75,34 @@ async def upload_clip(
     tag_list = tuple(clean_tags(tags.split(",")))
     job_id = uuid.uuid4().hex
     suffix = Path(file.filename or "").suffix.lower()[:8] or ".bin"
-    upload = state.settings.uploads_dir / f"{job_id}{suffix}"
+    key = f"{job_id}{suffix}"
+    # Received into this host's uploads folder, then stored where every worker reaches it (the
+    # same folder when storage is local: a rename).
+    upload = state.settings.uploads_dir / f".{key}.part"
     try:
-        # Saving and probing block on disk and decoding: both run off the event loop.
+        # Saving, probing and storing block on disk, decoding and network: off the event loop.
         await run_in_threadpool(_save_upload, file.file, upload)
         # Probing reads headers and one frame: cheap enough to answer "not a video" right away.
         await run_in_threadpool(probe_clip, upload)
+        await run_in_threadpool(state.storages.uploads.put_file, key, upload, move=True)
     except InvalidClip as error:
-        upload.unlink(missing_ok=True)
         name = file.filename or "upload"
         raise ClipRejected(str(error).replace(str(upload), name)) from None
-    except BaseException:
+    finally:
         upload.unlink(missing_ok=True)
-        raise
     spec = IngestSpec(
-        upload_path=str(upload),
+        upload_key=key,
         caption=caption.strip(),
         tags=tag_list,
-        source_name=file.filename or upload.name,
+        source_name=file.filename or key,
     )
     job = JobRecord.new(caller.name, spec, job_id=job_id)
-    state.store.create(job)
-    state.dispatcher.submit(job)
+    try:
+        state.store.create(job)
+        state.dispatcher.submit(job)
+    except BaseException:  # no job will ever ingest it
+        await run_in_threadpool(state.storages.uploads.delete, key)
+        raise
     state.metrics.increment("jobs_submitted_total", "ingest")
     return JobAccepted(id=job.job_id, status=job.status, links=JobView.of(job).links)
 

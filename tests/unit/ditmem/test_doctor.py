@@ -60,3 +60,19 @@ def test_doctor_reports_the_manifest_database(tmp_path, monkeypatch):
     monkeypatch.setenv("DITMEM_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none")
     result = CliRunner().invoke(app, ["doctor", "--preset", "tiny"])
     assert result.exit_code == 1 and "FAIL manifest" in result.output
+
+
+def test_doctor_reports_the_object_storage(tmp_path, monkeypatch):
+    from tests.s3 import moto_server
+
+    monkeypatch.setenv("DITMEM_BANK_DIR", str(tmp_path / "bank"))
+    monkeypatch.delenv("DITMEM_REDIS_URL", raising=False)
+    with moto_server() as (endpoint, bucket):
+        monkeypatch.setenv("DITMEM_STORAGE_URL", f"s3://{bucket}/ditmem")
+        monkeypatch.setenv("DITMEM_S3_ENDPOINT_URL", endpoint)
+        result = CliRunner().invoke(app, ["doctor", "--preset", "tiny"])
+        assert result.exit_code == 0, result.output
+        assert f"ok   object storage       results/ in s3://{bucket}/ditmem/" in result.output
+        monkeypatch.setenv("DITMEM_STORAGE_URL", "s3://no-such-bucket/ditmem")
+        result = CliRunner().invoke(app, ["doctor", "--preset", "tiny"])
+        assert result.exit_code == 1 and "FAIL object storage" in result.output

@@ -19,6 +19,10 @@ from model.presets import TINY
 from tests.media import moving_square, write_clip
 
 
+def latent_file(bank: MemoryBank, content_hash: str) -> Path:
+    return bank.root / bank.store.latent_key(content_hash)
+
+
 def bank_files(bank: MemoryBank) -> list[Path]:
     return sorted(
         p for folder in ("tokens", "latents", "sources", "posters")
@@ -47,7 +51,7 @@ def test_ingest_stores_record_tokens_latent_and_index_entry(bank, ingestor, clip
     assert torch.equal(cached.counts, expected.counts)
     torch.testing.assert_close(cached.high, expected.high, atol=0.05, rtol=0.02)
     torch.testing.assert_close(cached.low, expected.low, atol=0.05, rtol=0.02)
-    assert bank.store.latent_path(record.content_hash).is_file()  # keep_latents defaults on
+    assert latent_file(bank, record.content_hash).is_file()  # keep_latents defaults on
     from PIL import Image
 
     with Image.open(io.BytesIO(bank.poster_jpeg(record.clip_id))) as poster:
@@ -292,7 +296,7 @@ def _clip(path: Path) -> Path:
 
 def test_garbage_collection_only_removes_unreferenced_files(bank, ingestor, clips):
     kept = ingestor.ingest(clips["red_right"], "a red square").record
-    orphan = bank.store.latent_path("f" * 64)
+    orphan = latent_file(bank, "f" * 64)
     orphan.parent.mkdir(parents=True)
     shutil.copyfile(bank_files(bank)[0], orphan)
 
@@ -335,7 +339,7 @@ def test_clips_without_latent_or_source_are_reported_unrecoverable(
 
     with MemoryBank(tmp_path / "lean", embedder, BankOptions(keep_latents=False)) as lean:
         record = ClipIngestor(lean, tiny_pipe, TINY).ingest(clips["red_right"], "red").record
-        assert not lean.store.latent_path(record.content_hash).exists()
+        assert not latent_file(lean, record.content_hash).exists()
         outcome = ClipIngestor(
             lean, MemoryWanPipeline(**build_tiny_components(seed=7)), TINY
         ).refresh_tokens()
@@ -411,8 +415,9 @@ def test_add_clip_writes_every_file_before_the_row(tmp_path, embedder, bank_opti
         assert {p.parts[len(bank.root.parts)] for p in files_at_insert} == {"latents", "sources"}
         assert bank.poster_jpeg(added.record.clip_id).startswith(b"\xff\xd8")
         assert bank.search("red square", k=1)[0].clip_id == added.record.clip_id
-        assert bank.clip_source(added.record.clip_id).read_bytes() == b"the uploaded bytes"
-        assert bank.clip_source(added.record.clip_id).suffix == ".mp4"
+        with bank.clip_source(added.record.clip_id) as kept_source:
+            assert kept_source.read_bytes() == b"the uploaded bytes"
+            assert kept_source.suffix == ".mp4"
         assert torch.equal(bank.clip_latent(added.record.clip_id), torch.full((4, 2, 3, 3), 12.0))
         cached = bank.clip_tokens([added.record.clip_id], "v1")
         torch.testing.assert_close(cached.high, _tokens(0).high, atol=0.05, rtol=0.02)
@@ -456,7 +461,7 @@ def test_what_the_bank_does_not_keep_reads_as_none(tmp_path, embedder, bank_opti
 
 def test_a_missing_latent_file_is_reported_as_corruption(bank):
     record = _add(bank, "a red square").record
-    bank.store.latent_path(record.content_hash).unlink()
+    latent_file(bank, record.content_hash).unlink()
     with pytest.raises(BankCorrupt, match="latent"):
         bank.clip_latent(record.clip_id)
 

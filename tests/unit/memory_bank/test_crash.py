@@ -21,6 +21,7 @@ import os, signal, sys
 from memory_bank.bank import BankOptions, MemoryBank
 from memory_bank.embed import SentenceTransformerEmbedder
 from memory_bank.ingest import ClipIngestor
+from memory_bank.storage import LocalStorage
 from memory_bank.store import ClipStore
 from model.pipeline import MemoryWanPipeline
 from model.presets import TINY
@@ -30,12 +31,13 @@ root, clip, point = sys.argv[1:4]
 die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 if point == "after-files":  # every file written, manifest row not yet
     ClipStore.insert = die
-elif point == "mid-file":  # inside the atomic write of the first file
-    original = ClipStore.write_atomically
-    def write_then_die(self, target, write):
-        write(self.root / "tmp" / "partial.safetensors")
+elif point == "mid-file":  # inside the atomic write of the first file (the latent)
+    def write_then_die(self, key, data):
+        partial = self.root / ".partial" / "half.safetensors"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data[: len(data) // 2])
         die()
-    ClipStore.write_atomically = write_then_die
+    LocalStorage.put_bytes = write_then_die
 bank = MemoryBank(root, SentenceTransformerEmbedder(), BankOptions())
 ClipIngestor(bank, MemoryWanPipeline(**build_tiny_components(0)), TINY).ingest(clip, "a red square")
 """

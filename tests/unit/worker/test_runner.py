@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from memory_bank.bank import BankOptions, MemoryBank
 from memory_bank.embed import SentenceTransformerEmbedder
 from memory_bank.errors import ClipNotFound
 from memory_bank.ingest import ClipIngestor
+from memory_bank.storage import LocalStorage
 from model.errors import InvalidRequest
 from model.pipeline import MemoryWanPipeline
 from model.presets import TINY
@@ -38,7 +40,15 @@ def parts(tmp_path_factory):
 def runner(parts) -> JobRunner:
     root, pipe, bank = parts
     store = MemoryJobStore()
-    return JobRunner(store, pipe, TINY, bank, ClipIngestor(bank, pipe, TINY), root / "results")
+    return JobRunner(
+        store, pipe, TINY, bank, ClipIngestor(bank, pipe, TINY),
+        results=LocalStorage(root / "results"), uploads=LocalStorage(root / "uploads"),
+        scratch_dir=root / "scratch",
+    )  # fmt: skip
+
+
+def results_dir(runner: JobRunner) -> Path:
+    return runner.results.root  # type: ignore[attr-defined]  # local storage in these tests
 
 
 def generate_job(runner: JobRunner, **request) -> str:
@@ -47,20 +57,22 @@ def generate_job(runner: JobRunner, **request) -> str:
 
 
 def ingest_job(runner: JobRunner, upload: Path, caption: str, tags=()) -> str:
-    spec = IngestSpec(upload_path=str(upload), caption=caption, tags=tuple(tags))
+    key = f"{uuid.uuid4().hex}{upload.suffix}"
+    runner.uploads.put_file(key, upload)
+    spec = IngestSpec(upload_key=key, caption=caption, tags=tuple(tags))
     return runner.store.create(JobRecord.new("test", spec)).job_id
 
 
 def test_a_job_runs_once_and_a_second_delivery_is_skipped(runner):
     job_id = generate_job(runner, memory={"k": 0})
     assert runner.run(job_id) == "succeeded"
-    video = runner.results_dir / f"{job_id}.mp4"
+    video = results_dir(runner) / f"{job_id}.mp4"
     stamp = video.stat().st_mtime_ns
 
     assert runner.run(job_id) == "skipped (succeeded)"
     job = runner.store.get(job_id)
     assert job.attempts == 1 and video.stat().st_mtime_ns == stamp
-    assert (runner.results_dir / f"{job_id}.json").is_file()
+    assert (results_dir(runner) / f"{job_id}.json").is_file()
 
 
 def test_a_job_running_under_a_live_lease_is_not_claimed_but_an_expired_one_is(runner, monkeypatch):
@@ -122,7 +134,7 @@ def test_the_job_runs_the_seed_and_parameters_it_was_accepted_with(runner):
     assert runner.run(job_id) == "succeeded"
     finished = runner.store.get(job_id)
     assert (finished.step, finished.progress) == (3, 1.0)
-    record = json.loads((runner.results_dir / finished.result.record).read_text())
+    record = json.loads((results_dir(runner) / finished.result.record).read_text())
     assert record["params"] == accepted.spec.params.model_dump()
     assert record["job_id"] == job_id and record["memory"] == []
 
@@ -133,7 +145,7 @@ def test_ingest_jobs_add_the_clip_and_remove_the_upload(runner, tmp_path):
     assert runner.run(job_id) == "succeeded"
     clip_id = runner.store.get(job_id).result.clip_id
     assert runner.bank.get(clip_id).tags == ["y"]
-    assert not upload.exists()
+    assert list(runner.uploads.keys("")) == []  # the stored upload is gone once ingested
 
 
 def _rss_mib() -> float:

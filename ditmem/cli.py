@@ -169,24 +169,62 @@ def memory_import(
     bank: BankOption = None,
     preset: PresetOption = None,
 ) -> None:
-    """Import a folder of clips; re-running it skips what is already in the bank."""
-    from memory_bank.bulk import import_folder
-    from runtime.builders import build_ingestor, load_pipeline_from, open_bank
+    """Import a folder of clips; re-running it skips what is already in the bank.
 
+    With DITMEM_REDIS_URL the rows become ingest jobs that every worker of the fleet takes;
+    without, this process ingests them itself.
+    """
     with user_errors():
         if not captions.is_file():
             raise ValueError(f"captions file {captions} not found")
         settings = _settings(bank_dir=bank, preset=preset)
-        pipe = load_pipeline_from(settings)
-        with open_bank(settings) as opened:
-            ingestor = build_ingestor(settings, opened, pipe)
-            summary = import_folder(ingestor, folder, captions, extra_tags=tuple(tag or ()))
+        extra_tags = tuple(tag or ())
+        if settings.redis_url:
+            summary = _import_on_the_fleet(settings, folder, captions, extra_tags)
+        else:
+            summary = _import_here(settings, folder, captions, extra_tags)
     for row, reason in summary.rejected:
         typer.echo(f"rejected line {row.line} ({row.video}): {reason}", err=True)
+    for name, count in sorted(getattr(summary, "workers", {}).items()):
+        typer.echo(f"ingested by {name}: {count}", err=True)
     typer.echo(
         f"imported {summary.imported}, already in the bank {summary.already_present}, "
         f"rejected {len(summary.rejected)}"
     )
+
+
+def _import_here(settings: Settings, folder: Path, captions: Path, extra_tags: tuple[str, ...]):
+    from memory_bank.bulk import import_folder
+    from runtime.builders import build_ingestor, load_pipeline_from, open_bank
+
+    pipe = load_pipeline_from(settings)
+    with open_bank(settings) as opened:
+        ingestor = build_ingestor(settings, opened, pipe)
+        return import_folder(ingestor, folder, captions, extra_tags=extra_tags)
+
+
+def _import_on_the_fleet(
+    settings: Settings, folder: Path, captions: Path, extra_tags: tuple[str, ...]
+):
+    from memory_bank.bulk import read_caption_rows
+    from runtime.builders import open_bank, open_storages
+    from runtime.bulk_import import fan_out_import
+    from runtime.celery_app import make_celery
+    from runtime.dispatch import CeleryDispatcher
+    from runtime.jobs import RedisJobStore
+
+    store = RedisJobStore(settings.redis_url)
+    storages = open_storages(settings)
+    celery = make_celery(settings)
+    try:
+        with open_bank(settings, storages) as opened:
+            return fan_out_import(
+                read_caption_rows(captions), folder, bank=opened, store=store,
+                dispatcher=CeleryDispatcher(celery, store.redis), uploads=storages.uploads,
+                owner="import", extra_tags=extra_tags,
+            )  # fmt: skip
+    finally:
+        celery.close()
 
 
 @memory_app.command("list")

@@ -153,6 +153,7 @@ class WorkerProcess:
     env: IntegrationEnv
     name: str
     log_path: Path
+    queues: str = "generate,ingest"
     process: subprocess.Popen = field(init=False)
     started_at: float = field(init=False)
 
@@ -172,7 +173,15 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "ditmem", "--log-level", "INFO", "worker"],
+                [
+                    sys.executable,
+                    "-m",
+                    "ditmem",
+                    "--log-level",
+                    "INFO",
+                    "worker",
+                    f"--queues={self.queues}",
+                ],  # fmt: skip
                 cwd=REPO,
                 env=environment,
                 stdin=subprocess.DEVNULL,

@@ -272,3 +272,23 @@ def test_two_hosts_share_one_postgresql_manifest(tmp_path: Path, embedder, tiny_
             assert host_b.get(added.record.clip_id).tags == ["red"]
             host_b.delete(added.record.clip_id)
             assert host_a.search("a red square", 1) == []
+
+
+def test_a_connection_dropped_in_the_middle_of_an_operation_is_retried(tmp_path: Path):
+    """The server terminates our backend while a statement is on its way: the operation runs
+    again on a new connection, and nothing is lost or applied twice."""
+    with temporary_database() as url:
+        store = ClipStore(tmp_path / "bank", url)
+        add(store, 1)
+        dropped = []
+
+        @sa.event.listens_for(store._writer, "before_cursor_execute")
+        def drop_once(connection, cursor, statement, *args) -> None:
+            if not dropped and statement.lstrip().upper().startswith("INSERT INTO CLIPS"):
+                dropped.append(terminate_connections(url))
+
+        clip = add(store, 2)  # the first attempt's connection dies under it
+        assert dropped and dropped[0] >= 1
+        assert store.count() == 2 and store.get(clip.clip_id).caption == "clip number 2"
+        assert [c.op for c in store.changes_since(0)] == ["add", "add"]
+        store.close()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -50,11 +51,40 @@ class BankOptions(BaseModel):
     keep_sources: bool = Field(False, description="store the uploaded file itself")
     index: IndexConfig = Field(default_factory=IndexConfig)
     save_index_every: int = Field(
-        1000, ge=1, description="save the indexes after this many applied changes"
+        1000, ge=1, description="snapshot the indexes once this many changes are applied"
+    )
+    query_cache_size: int = Field(
+        4096, ge=0, description="prompt embeddings kept for repeated searches (0: none)"
+    )
+    snapshot_interval_s: float = Field(
+        10.0, gt=0, description="how often the background writer checks for a snapshot due"
     )
     visual_weight: float = Field(
         0.3, ge=0, le=1, description="weight of the visual score when a visual index is on"
     )
+
+
+class _LruCache:
+    """A thread-safe least-recently-used map of prompt -> read-only embedding."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = compute()
+        value.setflags(write=False)
+        if self.size:
+            with self._lock:
+                self._items[key] = value
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+        return value
 
 
 class AddedClip(NamedTuple):
@@ -98,6 +128,10 @@ class MemoryBank:
         self._check_models()
         self._sync = threading.Lock()
         self._unsaved = 0
+        self._snapshotting = threading.Event()
+        # The caption embedder is most of a search's time; prompts repeat (retries, previews
+        # typed in the UI, batch runs), so their vectors are kept.
+        self._query_vectors = _LruCache(self.options.query_cache_size)
         self._text = SyncedIndex(
             self.store, "text", embedder.name, embedder.dim, self.options.index
         )
@@ -107,6 +141,12 @@ class MemoryBank:
             else None
         )
         self.refresh()
+        self._snapshot_lock = self.store.snapshot_lock()
+        self._closing = threading.Event()
+        self._snapshot_writer = threading.Thread(
+            target=self._write_snapshots, name="ditmem-index-snapshots", daemon=True
+        )
+        self._snapshot_writer.start()
 
     def _check_models(self) -> None:
         foreign = self.store.embedders("text") - {self.embedder.name}
@@ -130,8 +170,17 @@ class MemoryBank:
     # -- index maintenance -------------------------------------------------------------------------
 
     def refresh(self) -> int:
-        """Apply manifest changes made since the last refresh (by any process); returns how many."""
-        with self._sync:
+        """Apply manifest changes made since the last refresh (by any process); returns how many.
+
+        While a snapshot of the index is being copied this returns at once rather than wait:
+        the caller searches what is applied, a few changes behind at most.
+        """
+        if self._snapshotting.is_set():
+            if not self._sync.acquire(blocking=False):
+                return 0
+        else:
+            self._sync.acquire()
+        try:
             applied = 0
             for index in self._indexes:
                 changes = self.store.changes_since(index.applied)
@@ -139,9 +188,9 @@ class MemoryBank:
                     index.apply(changes)
                     applied = max(applied, len(changes))
             self._unsaved += applied
-            if self._unsaved >= self.options.save_index_every:
-                self._save_locked()
             return applied
+        finally:
+            self._sync.release()
 
     def rebuild_index(self) -> int:
         """Rebuild every index from the manifest and save them; returns the caption index size."""
@@ -152,6 +201,7 @@ class MemoryBank:
             return len(self._text)
 
     def save_index(self) -> None:
+        """Snapshot the indexes now, in this thread."""
         with self._sync:
             self._save_locked()
 
@@ -159,6 +209,38 @@ class MemoryBank:
         for index in self._indexes:
             index.save()
         self._unsaved = 0
+
+    def _snapshot_due(self) -> bool:
+        never_saved = any(index.saved < 0 for index in self._indexes)
+        return self._unsaved >= self.options.save_index_every or (
+            never_saved and any(index.unsaved or index.saved < 0 for index in self._indexes)
+        )
+
+    def _write_snapshots(self) -> None:
+        """Background writer: snapshots the indexes when enough changes are applied, or once
+        for an index built from the manifest, if this process holds the bank's snapshot lock
+        (one writer per bank, on whichever host). No request ever waits for it."""
+        wait = 0.0  # an index built on open is saved right away, so the next open loads it
+        while not self._closing.wait(wait):
+            wait = self.options.snapshot_interval_s
+            try:
+                if self._snapshot_due() and self._snapshot_lock.try_acquire():
+                    self._snapshot_once()
+            except Exception:  # the next round tries again; searching never depends on it
+                logger.exception("index snapshot of %s failed", self.root)
+
+    def _snapshot_once(self) -> None:
+        copies = []
+        self._snapshotting.set()
+        try:
+            with self._sync:  # the copies only: storing them happens after the lock
+                for index in self._indexes:
+                    copies.append((index, index.index.to_bytes(), index.applied))
+                self._unsaved = 0
+        finally:
+            self._snapshotting.clear()
+        for index, data, applied in copies:
+            index.save_snapshot(data, applied)
 
     @property
     def index_size(self) -> int:
@@ -186,7 +268,7 @@ class MemoryBank:
             return []
         self.refresh()
         exclude = list(exclude_ids)
-        text_vector = self.embedder.embed([query])
+        text_vector = self._query_vectors.get(query, lambda: self.embedder.embed([query]))
         if self._visual is None:
             ranked = self._text.search(text_vector, k, exclude, min_score)
             text_scores, visual_scores = dict(ranked), {}
@@ -380,10 +462,14 @@ class MemoryBank:
         return record
 
     def close(self) -> None:
-        with self._sync:
-            if self._unsaved:
-                self._save_locked()
-        self.store.close()
+        self._closing.set()
+        self._snapshot_writer.join(timeout=60)
+        try:
+            if any(index.unsaved for index in self._indexes) and self._snapshot_lock.try_acquire():
+                self._snapshot_once()
+        finally:
+            self._snapshot_lock.release()
+            self.store.close()
 
     def __enter__(self) -> MemoryBank:
         return self

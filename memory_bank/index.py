@@ -584,6 +584,28 @@ class VectorIndex:
         with atomic_path(path, durable=True) as tmp, self._lock.read():
             faiss.write_index(self._index, str(tmp))
 
+    def to_bytes(self) -> bytes:
+        """The index serialised (ids included), for a snapshot stored elsewhere.
+
+        Only the copy into memory holds the read lock (searches go on; changes wait for the
+        copy, not for whatever is done with the bytes afterwards).
+        """
+        with self._lock.read():
+            return faiss.serialize_index(self._index).tobytes()
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, config: IndexConfig | None = None, origin: str = ""
+    ) -> VectorIndex:
+        """Read an index serialised by :meth:`to_bytes` (``origin`` names it in errors)."""
+        config = config or IndexConfig()
+        _apply_threads(config.threads)
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except (RuntimeError, MemoryError) as exc:
+            raise IndexCorrupt(f"cannot read index {origin}: {exc}") from exc
+        return cls._checked(index, config, Path(origin))
+
     @classmethod
     def load(cls, path: str | os.PathLike[str], config: IndexConfig | None = None) -> VectorIndex:
         """Read an index written by :meth:`save`.
@@ -604,6 +626,10 @@ class VectorIndex:
             index = faiss.read_index(str(path))
         except (RuntimeError, MemoryError) as exc:  # FAISS reports short reads as RuntimeError
             raise IndexCorrupt(f"cannot read index file {path}: {exc}") from exc
+        return cls._checked(index, config, path)
+
+    @classmethod
+    def _checked(cls, index: faiss.Index, config: IndexConfig, path: Path) -> VectorIndex:
         cls._check_layout(index, path)
         if index.d < 1:
             raise IndexCorrupt(f"index file {path} has dimension {index.d}")

@@ -106,8 +106,10 @@ meta = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
-# Key of the PostgreSQL advisory lock that orders change-log writers (any fixed 64-bit number).
+# Keys of PostgreSQL advisory locks (any fixed 64-bit numbers): one orders change-log writers,
+# one elects the process that writes index snapshots.
 CHANGE_LOG_LOCK = 0x6469746D656D  # "ditmem"
+SNAPSHOT_LOCK = CHANGE_LOG_LOCK + 2
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The revision that is exactly the schema of banks made before migrations existed.

@@ -18,6 +18,8 @@ never points at a missing file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import shutil
@@ -27,7 +29,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -174,6 +176,12 @@ class ClipStore:
     def close(self) -> None:
         self._writer.dispose()
         self._reader.dispose()
+
+    def snapshot_lock(self) -> SnapshotLock:
+        """The lock that lets one process at a time write index snapshots of this bank."""
+        if self._postgres:
+            return _PostgresSnapshotLock(self._writer)
+        return _FileSnapshotLock(self.root / "index" / ".snapshots.lock")
 
     def meta(self, key: str) -> str | None:
         return self._scalar(sa.select(meta.c.value).where(meta.c.key == key))
@@ -514,6 +522,80 @@ class ClipStore:
                     self.files.delete(key)
                     removed += 1
         return removed
+
+
+class SnapshotLock(Protocol):
+    """Held by at most one process per bank; a process that dies releases it."""
+
+    def try_acquire(self) -> bool:
+        """Whether this process holds the lock now (taking it if it is free)."""
+        ...
+
+    def release(self) -> None: ...
+
+
+class _FileSnapshotLock:
+    """One host (SQLite): an exclusive ``flock`` on a file in the bank's index folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle = None
+
+    def try_acquire(self) -> bool:
+        if self._handle is not None:
+            return True
+        handle = open(self.path, "a+b")  # noqa: SIM115 - held open while the lock is held
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file releases the flock
+            self._handle = None
+
+
+class _PostgresSnapshotLock:
+    """A fleet (PostgreSQL): a session-level advisory lock on a connection of its own, so the
+    lock ends with the process or its connection, whichever goes first."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self._connection: sa.Connection | None = None
+
+    def try_acquire(self) -> bool:
+        if self._connection is not None:
+            try:  # still ours only if the connection that took it is alive
+                self._connection.execute(sa.text("SELECT 1"))
+                self._connection.commit()
+                return True
+            except sa.exc.DBAPIError:
+                self.release()
+        try:
+            connection = self.engine.connect()
+            held = connection.execute(
+                sa.select(sa.func.pg_try_advisory_lock(manifest.SNAPSHOT_LOCK))
+            ).scalar()
+            connection.commit()
+        except sa.exc.DBAPIError:
+            return False
+        if not held:
+            connection.close()
+            return False
+        self._connection = connection
+        return True
+
+    def release(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(sa.exc.DBAPIError):
+                # Invalidated first: a connection back in the pool would keep the lock.
+                self._connection.invalidate()
+                self._connection.close()
+            self._connection = None
 
 
 def _vector_bytes(vector: np.ndarray) -> bytes:

@@ -1,24 +1,29 @@
 """A FAISS index kept in step with the manifest: a materialised view of one embedding column.
 
-Saved as ``index/<name>-<log position>.faiss`` plus a ``<name>.json`` pointer, so the file and
-the change-log position it reflects can never disagree, even when two processes save at once.
+A process starts from the newest snapshot (``index/<name>-<log position>.faiss`` plus an
+``index/<name>.json`` pointer, in the bank's file storage, so every host of a fleet shares them)
+and replays the change log past the position the snapshot reflects. The snapshot file and its
+position can never disagree, even when two processes save at once, because the pointer is
+written last and names both. Snapshots are written by :class:`~memory_bank.bank.MemoryBank`'s
+background writer, never by a search.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 
-from memory_bank.errors import IndexCorrupt
+from memory_bank.errors import BankError, IndexCorrupt
 from memory_bank.index import IndexConfig, VectorIndex
+from memory_bank.storage import ObjectMissing
 from memory_bank.store import Change, ClipStore
 
 logger = logging.getLogger(__name__)
 
-KEEP_SAVED = 3  # older files may still be being loaded by another process
+KEEP_SAVED = 3  # older snapshots may still be being loaded by another process
+FOLDER = "index"
 
 
 class SyncedIndex:
@@ -40,21 +45,25 @@ class SyncedIndex:
         self.model_name = model_name
         self.dim = dim
         self.config = config
-        self.folder = store.root / "index"
         self.index, self.applied = self._load_saved()
+        self.saved = self.applied if self.loaded_from_snapshot else -1
 
     @property
-    def _pointer(self) -> Path:
-        return self.folder / f"{self.kind}.json"
+    def _pointer(self) -> str:
+        return f"{FOLDER}/{self.kind}.json"
 
     def _load_saved(self) -> tuple[VectorIndex, int]:
+        self.loaded_from_snapshot = False
+        files = self.store.files
         try:
-            pointer = json.loads(self._pointer.read_text())
+            pointer = json.loads(files.get_bytes(self._pointer))
             if pointer["model"] != self.model_name or pointer["dim"] != self.dim:
                 raise IndexCorrupt(f"saved for {pointer['model']}, not {self.model_name}")
-            index = VectorIndex.load(self.folder / pointer["file"], self.config)
+            key = f"{FOLDER}/{pointer['file']}"
+            index = VectorIndex.from_bytes(files.get_bytes(key), self.config, origin=key)
+            self.loaded_from_snapshot = True
             return index, int(pointer["seq"])
-        except FileNotFoundError:
+        except ObjectMissing:
             pass
         except (IndexCorrupt, KeyError, ValueError) as error:
             logger.warning("rebuilding the %s index of %s: %s", self.kind, self.store.root, error)
@@ -90,13 +99,32 @@ class SyncedIndex:
         if self.index.needs_rebuild():
             self.rebuild()
 
+    @property
+    def unsaved(self) -> bool:
+        return self.applied != self.saved
+
     def save(self) -> None:
-        name = f"{self.kind}-{self.applied:012d}.faiss"
-        self.index.save(self.folder / name)
-        pointer = {"file": name, "seq": self.applied, "model": self.model_name, "dim": self.dim}
-        self.store.write_atomically(self._pointer, lambda tmp: tmp.write_text(json.dumps(pointer)))
-        for stale in sorted(self.folder.glob(f"{self.kind}-*.faiss"))[:-KEEP_SAVED]:
-            stale.unlink(missing_ok=True)
+        """Store a snapshot of the index as it is now; searches and changes go on meanwhile.
+
+        ``index`` and ``applied`` are read together, before the copy, by the caller that holds
+        the bank's sync lock; the slow part (storing the bytes) needs no lock.
+        """
+        index, applied = self.index, self.applied
+        self.save_snapshot(index.to_bytes(), applied)
+
+    def save_snapshot(self, data: bytes, applied: int) -> None:
+        files = self.store.files
+        name = f"{self.kind}-{applied:012d}.faiss"
+        files.put_bytes(f"{FOLDER}/{name}", data)
+        pointer = {"file": name, "seq": applied, "model": self.model_name, "dim": self.dim}
+        files.put_bytes(self._pointer, json.dumps(pointer).encode())
+        self.saved = applied
+        try:
+            snapshots = sorted(files.keys(f"{FOLDER}/{self.kind}-"))
+            for stale in snapshots[:-KEEP_SAVED]:
+                files.delete(stale)
+        except BankError as error:  # cleaning up is best effort; the snapshot is stored
+            logger.warning("could not remove old %s snapshots: %s", self.kind, error)
 
     def search(
         self,

@@ -491,3 +491,18 @@ def test_replace_tokens_makes_a_stale_clip_current(bank):
     torch.testing.assert_close(cached.low, _tokens(5).low, atol=0.05, rtol=0.02)
     assert bank.find_by_hash(record.content_hash) == bank.get(record.clip_id)
     assert bank.find_by_hash("0" * 64) is None
+
+
+def test_a_repeated_prompt_is_embedded_once(tmp_path, embedder, monkeypatch):
+    calls: list[list[str]] = []
+    with MemoryBank(tmp_path / "bank", embedder) as bank:
+        _add(bank, "a red ball")
+        real = bank.embedder.embed
+        monkeypatch.setattr(
+            bank.embedder, "embed", lambda texts: calls.append(texts) or real(texts)
+        )
+        first = bank.search("a red ball falling", 1)
+        again = bank.search("a red ball falling", 1)
+        bank.search("a blue ball", 1)
+    assert first == again
+    assert calls == [["a red ball falling"], ["a blue ball"]]

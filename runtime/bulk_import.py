@@ -60,12 +60,22 @@ def fan_out_import(
     sent_hashes: set[str] = set()
     bar = tqdm(total=len(rows), desc="importing", unit="clip", disable=not progress)
 
+    last_poll = 0.0
+
     def collect(block: bool) -> None:
-        """Account for finished jobs; with ``block``, wait until at least one finishes."""
+        """Account for finished jobs (one store round trip per poll, at most every ``poll_s``);
+        with ``block``, wait until at least one finishes."""
+        nonlocal last_poll
         while pending:
+            wait = last_poll + poll_s - time.monotonic()
+            if wait > 0:
+                if not block:
+                    return
+                time.sleep(wait)
+            last_poll = time.monotonic()
+            ids = list(pending)
             finished = 0
-            for job_id in list(pending):
-                job = store.get(job_id)
+            for job_id, job in zip(ids, store.get_many(ids), strict=True):
                 if job is None or not job.finished:
                     continue
                 row = pending.pop(job_id)
@@ -84,7 +94,6 @@ def fan_out_import(
             )
             if finished or not block:
                 return
-            time.sleep(poll_s)
 
     for row in rows:
         path = (folder / row.video).resolve()

@@ -218,6 +218,10 @@ class JobStore(ABC):
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None: ...
 
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        """Records of several jobs, in order (stores override it with one round trip)."""
+        return [self.get(job_id) for job_id in job_ids]
+
     @abstractmethod
     def list(self, owner: str, offset: int, limit: int) -> tuple[list[JobRecord], int]: ...
 
@@ -403,6 +407,14 @@ class RedisJobStore(JobStore):
 
     def get(self, job_id: str) -> JobRecord | None:
         return self._decode(job_id, self.redis.hgetall(self._key(job_id)))
+
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self._key(job_id))
+        return [
+            self._decode(job_id, raw) for job_id, raw in zip(job_ids, pipe.execute(), strict=True)
+        ]
 
     def list(self, owner: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
         key = self._owner_key(owner)

@@ -136,6 +136,7 @@ NOT_SETTINGS = frozenset(
     for name in (
         "WEIGHTS_DIR", "API_IMAGE", "WORKER_IMAGE", "REDIS_PASSWORD", "GPU_WORKERS",
         "GPU_LOCK_DIR", "SERVICES", "VENV", "FIXTURES", "SCREENSHOTS",
+        "POSTGRES_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY", "S3_BUCKET",  # compose fleet
     )
 )  # fmt: skip
 

@@ -23,7 +23,7 @@ import yaml
 from pydantic_core import PydanticUndefined
 
 from ditmem.cli import app as cli_app
-from runtime.settings import Settings
+from runtime.settings import Settings, unknown_variables
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -41,6 +41,11 @@ STORAGE_ENV = {
     "uploads": "DITMEM_UPLOADS_DIR",
 }
 DITMEM_SERVICES = ("api", "worker", "worker-cpu")
+# The `fleet` profile: a multi-host deployment's shared state, on the main host next to Redis.
+FLEET_SERVICES = ("postgres", "minio", "minio-bucket")
+# Settings that switch a host to the fleet's shared state: unset on one host, so never defaulted.
+FLEET_SETTINGS = ("DITMEM_DATABASE_URL", "DITMEM_STORAGE_URL", "DITMEM_S3_ENDPOINT_URL")
+AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ...
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:[:?+-][^}]*)?\}")
 ASSIGNMENT = re.compile(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
@@ -157,7 +162,9 @@ def stage_image(from_arguments: str) -> tuple[str, str | None]:
     return words[0], alias
 
 
-def assert_pinned(image: str, where: str) -> None:
+def assert_pinned(image: str, where: str, version_parts: int = 3) -> None:
+    """A tag of a fixed release, major.minor.patch (``version_parts=2``: PostgreSQL's major.minor,
+    the minor being its patch release), optionally with a digest."""
     assert "$" not in image, f"{where}: image {image} comes from a build argument"
     name, _, digest = image.partition("@")
     if digest:
@@ -165,7 +172,27 @@ def assert_pinned(image: str, where: str) -> None:
     tag = name.rsplit("/", 1)[-1].partition(":")[2]
     assert tag, f"{where}: {image} has no tag"
     assert tag != "latest" and "latest" not in tag.split("-"), f"{where}: {image} is 'latest'"
-    assert re.match(r"^v?\d+\.\d+\.\d+", tag), f"{where}: {image} tag is not major.minor.patch"
+    version = r"\.".join([r"\d+"] * version_parts)
+    assert re.match(rf"^v?{version}", tag), f"{where}: {image}: no {version_parts}-part version"
+
+
+def assert_minio_release(image: str, where: str) -> None:
+    """MinIO tags releases by date, not major.minor.patch: ``RELEASE.2025-09-07T16-13-09Z``."""
+    assert "$" not in image, f"{where}: image {image} comes from a variable"
+    name, _, tag = image.partition(":")
+    assert name in ("minio/minio", "quay.io/minio/minio"), f"{where}: {image} is not MinIO's"
+    assert re.fullmatch(r"RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", tag), (
+        f"{where}: {image} is not pinned to a release"
+    )
+
+
+def compose_shell(script: str) -> str:
+    """A shell script in docker-compose.yml as the container runs it: ``$$`` is a literal ``$``.
+
+    A single ``$`` would be interpolated by compose from .env or the host's shell: none allowed.
+    """
+    assert not re.search(r"(?<!\$)\$(?!\$)", script.replace("$$", "")), script
+    return script.replace("$$", "$")
 
 
 def exec_form(arguments: str) -> list[str]:
@@ -286,6 +313,139 @@ def test_api_and_workers_share_storage_and_weights(compose, name):
         assert env[STORAGE_ENV[volume]] == path, f"{name}: {STORAGE_ENV[volume]} != {path}"
     assert targets["/weights"]["read_only"]
     assert env["DITMEM_REDIS_URL"] == environment(service(compose, "api"))["DITMEM_REDIS_URL"]
+
+
+# -- docker-compose.yml: the `fleet` profile -----------------------------------------------------
+
+
+def test_fleet_services_are_in_the_fleet_profile_only(compose):
+    for name in FLEET_SERVICES:
+        assert service(compose, name).get("profiles") == ["fleet"], name
+    for name, svc in compose["services"].items():
+        if name not in FLEET_SERVICES:
+            assert "fleet" not in svc.get("profiles", []), f"{name} is in the fleet profile"
+
+
+def test_always_on_services_do_not_need_the_fleet(compose):
+    for name in ("redis", "api", "worker"):
+        svc = service(compose, name)
+        assert "profiles" not in svc, f"{name} must start without --profile"
+    for name in ("redis", *DITMEM_SERVICES):
+        depends = set(service(compose, name).get("depends_on") or [])
+        assert not depends & set(FLEET_SERVICES), f"{name} depends on {depends}"
+
+
+def test_fleet_images_are_pinned(compose):
+    postgres = service(compose, "postgres")
+    assert_pinned(postgres["image"], "postgres", version_parts=2)  # PostgreSQL: major.minor
+    assert re.fullmatch(r"postgres:16\.\d+-alpine", postgres["image"]), postgres["image"]
+    minio = service(compose, "minio")
+    assert_minio_release(minio["image"], "minio")
+    # The bucket job runs the mc of the same image.
+    assert service(compose, "minio-bucket")["image"] == minio["image"]
+
+
+@pytest.mark.parametrize(("name", "target"), [("postgres", "/var/lib/postgresql/data"),
+                                              ("minio", "/data")])  # fmt: skip
+def test_fleet_state_is_persistent_health_checked_and_not_published(compose, name, target):
+    svc = service(compose, name)
+    [data] = [m for m in mounts(svc) if m["target"] == target]
+    assert data["type"] == "volume" and data["source"] in (compose.get("volumes") or {}), data
+    assert not data["read_only"]
+    assert svc["healthcheck"]["test"], name
+    assert svc["restart"] == service(compose, "redis")["restart"]
+    assert "ports" not in svc, f"{name} must not be published by default"
+
+
+def test_postgres_needs_a_password(compose):
+    postgres = service(compose, "postgres")
+    env = environment(postgres)
+    assert env["POSTGRES_USER"] == env["POSTGRES_DB"] == "ditmem"
+    # An empty password makes the image refuse to initialise the database - unless trust auth is
+    # configured, which would run it open. `:?` would break compose for every single-host user.
+    assert env["POSTGRES_PASSWORD"] == "${DITMEM_POSTGRES_PASSWORD:-}"
+    assert not any("HOST_AUTH_METHOD" in key for key in env), env
+    command = healthcheck_command(postgres)
+    assert command[1] == "pg_isready" and "ditmem" in command, command
+
+
+def test_minio_service(compose):
+    minio = service(compose, "minio")
+    assert minio["command"] == ["server", "/data", "--console-address", ":9001"]
+    env = environment(minio)
+    assert env["MINIO_ROOT_USER"] == "${DITMEM_S3_ACCESS_KEY:-}"
+    assert env["MINIO_ROOT_PASSWORD"] == "${DITMEM_S3_SECRET_KEY:-}"
+    assert healthcheck_command(minio)[1:] == ["mc", "ready", "local"]
+
+
+def minio_guard(compose: dict, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """Runs the minio service's entry point, with the image's own entry point a stand-in."""
+    minio = service(compose, "minio")
+    shell, flag, script, name = minio["entrypoint"]
+    assert (shell, flag, name) == ("/bin/sh", "-c", "minio")
+    script = compose_shell(script)
+    assert 'exec /usr/bin/docker-entrypoint.sh "$@"' in script  # the image's ENTRYPOINT
+    stand_in = tmp_path / "docker-entrypoint.sh"
+    stand_in.write_text('#!/bin/sh\necho "started: $*"\n')
+    stand_in.chmod(0o755)
+    script = script.replace("/usr/bin/docker-entrypoint.sh", str(stand_in))
+    return subprocess.run(
+        ["sh", "-c", script, name, *minio["command"]], env={"PATH": os.environ["PATH"], **env},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_minio_refuses_to_start_without_keys(compose, tmp_path):
+    """MinIO takes empty keys for unset ones and serves with its public default credentials."""
+    if not shutil.which("sh"):
+        pytest.skip("needs sh")
+    for env in (
+        {}, {"MINIO_ROOT_USER": "", "MINIO_ROOT_PASSWORD": ""},
+        {"MINIO_ROOT_USER": "ditmem"}, {"MINIO_ROOT_PASSWORD": "change-me-too"},
+    ):  # fmt: skip
+        refused = minio_guard(compose, tmp_path, **env)
+        assert refused.returncode != 0 and "started" not in refused.stdout, env
+        assert "DITMEM_S3_ACCESS_KEY" in refused.stderr and "DITMEM_S3_SECRET_KEY" in refused.stderr
+    started = minio_guard(
+        compose, tmp_path, MINIO_ROOT_USER="ditmem", MINIO_ROOT_PASSWORD="change-me-too"
+    )
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == "started: server /data --console-address :9001"
+
+
+def test_minio_bucket_job_creates_the_bucket_once_minio_is_healthy(compose):
+    job = service(compose, "minio-bucket")
+    assert job["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert job["restart"] == "no"
+    env = environment(job)
+    assert env["BUCKET"] == "${DITMEM_S3_BUCKET:-ditmem}"
+    minio_env = environment(service(compose, "minio"))
+    for key in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"):
+        assert env[key] == minio_env[key], key
+    assert job["entrypoint"] == ["/bin/sh", "-c"]  # the image's entry point runs only `minio`
+    [script] = job["command"]
+    script = compose_shell(script)
+    assert "http://minio:9000" in script
+    assert 'mc mb --ignore-existing "fleet/$BUCKET"' in script
+
+
+@pytest.mark.parametrize("name", DITMEM_SERVICES)
+def test_fleet_settings_stay_unset_unless_set_in_env(compose, name):
+    """They reach the containers through env_file; compose itself gives them no value."""
+    svc = service(compose, name)
+    assert {"path": ".env", "required": False} in svc["env_file"]
+    env = environment(svc)
+    for key in (*FLEET_SETTINGS, *AWS_CREDENTIALS):
+        assert key not in env, f"{name}: {key}={env[key]} (an empty value is not unset)"
+    active, commented = env_example()
+    for key in (*FLEET_SETTINGS, *AWS_CREDENTIALS):
+        assert key in commented and key not in active, f".env.example must only show {key}"
+
+
+def test_deployment_variables_are_not_reported_as_unknown_settings():
+    """.env reaches the ditmem containers too: its compose-only DITMEM_* names are no typos."""
+    used = {v for v in VARIABLE.findall(COMPOSE_FILE.read_text()) if v.startswith("DITMEM_")}
+    assert unknown_variables(dict.fromkeys(used, "x")) == []
 
 
 # -- .env.example ------------------------------------------------------------------------------
@@ -615,6 +775,9 @@ def test_docker_compose_accepts_the_file():
     cpu = docker_compose("--profile", "cpu", "config", "--services")
     assert cpu.returncode == 0, cpu.stderr
     assert "worker-cpu" in cpu.stdout.split()
+    fleet = docker_compose("--profile", "fleet", "config", "--services")
+    assert fleet.returncode == 0, fleet.stderr
+    assert set(fleet.stdout.split()) == {"redis", "api", "worker", *FLEET_SERVICES}
 
 
 def test_hadolint_finds_no_errors():

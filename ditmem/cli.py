@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -15,6 +15,10 @@ from pydantic import ValidationError
 from memory_bank.errors import BankError
 from model.errors import ModelError
 from runtime.settings import Settings
+
+if TYPE_CHECKING:  # the CLI starts fast: torch and the bank load only in the commands that use them
+    from memory_bank.bank import MemoryBank
+    from model.pipeline import MemoryWanPipeline
 
 app = typer.Typer(
     name="ditmem",
@@ -67,6 +71,16 @@ def _settings(**overrides: object) -> Settings:
     return Settings(**{key: value for key, value in overrides.items() if value is not None})
 
 
+@contextmanager
+def _pipeline_and_bank(settings: Settings) -> Iterator[tuple[MemoryWanPipeline, MemoryBank]]:
+    """The loaded pipeline and the open bank of a command that works on both."""
+    from runtime.builders import load_pipeline_from, open_bank
+
+    pipe = load_pipeline_from(settings)
+    with open_bank(settings) as opened:
+        yield pipe, opened
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Option(help="What the video shows.")],
@@ -100,7 +114,6 @@ def generate(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
 ) -> None:
     """Generate one video and print where it was written."""
-    from memory_bank.bank import MemoryBank
     from model.presets import get_preset
     from runtime.builders import load_pipeline_from, open_bank
     from runtime.generation import (
@@ -150,12 +163,11 @@ def memory_add(
     preset: PresetOption = None,
 ) -> None:
     """Add one clip; prints its id (an identical file already in the bank keeps its id)."""
-    from runtime.builders import build_ingestor, load_pipeline_from, open_bank
+    from runtime.builders import build_ingestor
 
     with user_errors():
         settings = _settings(bank_dir=bank, preset=preset)
-        pipe = load_pipeline_from(settings)
-        with open_bank(settings) as opened:
+        with _pipeline_and_bank(settings) as (pipe, opened):
             result = build_ingestor(settings, opened, pipe).ingest(file, caption, tag or [])
     state = "added" if result.created else "already in the bank"
     typer.echo(f"{result.record.clip_id}\t{state}\t{result.record.caption}")
@@ -195,10 +207,9 @@ def memory_import(
 
 def _import_here(settings: Settings, folder: Path, captions: Path, extra_tags: tuple[str, ...]):
     from memory_bank.bulk import import_folder
-    from runtime.builders import build_ingestor, load_pipeline_from, open_bank
+    from runtime.builders import build_ingestor
 
-    pipe = load_pipeline_from(settings)
-    with open_bank(settings) as opened:
+    with _pipeline_and_bank(settings) as (pipe, opened):
         ingestor = build_ingestor(settings, opened, pipe)
         return import_folder(ingestor, folder, captions, extra_tags=extra_tags)
 
@@ -281,12 +292,11 @@ def memory_rm(
 @memory_app.command("retoken")
 def memory_retoken(bank: BankOption = None, preset: PresetOption = None) -> None:
     """Recompute cached memory tokens for the configured encoder (after an encoder change)."""
-    from runtime.builders import build_ingestor, load_pipeline_from, open_bank
+    from runtime.builders import build_ingestor
 
     with user_errors():
         settings = _settings(bank_dir=bank, preset=preset)
-        pipe = load_pipeline_from(settings)
-        with open_bank(settings) as opened:
+        with _pipeline_and_bank(settings) as (pipe, opened):
             outcome = build_ingestor(settings, opened, pipe).refresh_tokens()
     typer.echo(f"recomputed {len(outcome.updated)} clips")
     if outcome.unrecoverable:
@@ -412,7 +422,6 @@ def train(
 ) -> None:
     """Train the memory encoder on the bank with the backbone frozen (accelerate-ready)."""
     from model.training import TrainConfig, train_encoder
-    from runtime.builders import load_pipeline_from, open_bank
 
     with user_errors():
         settings = _settings(bank_dir=bank, preset=preset)
@@ -420,8 +429,7 @@ def train(
             run_dir=run_dir, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
             k=k, train_tag=tag, checkpoint_every=checkpoint_every, seed=seed,
         )  # fmt: skip
-        pipe = load_pipeline_from(settings)
-        with open_bank(settings) as opened:
+        with _pipeline_and_bank(settings) as (pipe, opened):
             result = train_encoder(pipe, opened, config, resume=resume)
     typer.echo(f"final loss {result.final_loss:.5f}")
     typer.echo(f"official checkpoint: {result.official_path}")
@@ -442,13 +450,11 @@ def encoder_calibrate(
     """Recompute the encoder's BatchNorm statistics over the bank's latents and save it."""
     from model.calibration import calibrate_batchnorm
     from model.loading import save_memory_encoder
-    from runtime.builders import load_pipeline_from, open_bank
 
     with user_errors():
         settings = _settings(bank_dir=bank, preset=preset)
-        pipe = load_pipeline_from(settings)
-        encoder = pipe.memory_encoder
-        with open_bank(settings) as opened:
+        with _pipeline_and_bank(settings) as (pipe, opened):
+            encoder = pipe.memory_encoder
             report = calibrate_batchnorm(encoder, lambda: opened.latent_batches(batch_size))
         save_memory_encoder(encoder, out)
     typer.echo(f"calibrated on {report.clips} clip latents; statistics vs the defaults (0, 1):")

@@ -58,12 +58,18 @@ clips = sa.Table(
     sqlite_autoincrement=True,  # ids of deleted clips are never handed out again
 )
 
+
+def _clip_key() -> sa.Column:
+    """The ``clip_id`` (part of the primary key) of a table of per-clip rows."""
+    return sa.Column(
+        "clip_id", BigId, sa.ForeignKey("clips.clip_id", ondelete="CASCADE"), primary_key=True
+    )
+
+
 clip_tags = sa.Table(
     "clip_tags",
     metadata,
-    sa.Column(
-        "clip_id", BigId, sa.ForeignKey("clips.clip_id", ondelete="CASCADE"), primary_key=True
-    ),
+    _clip_key(),
     sa.Column("tag", sa.Text, primary_key=True),
     sa.Index("clip_tags_by_tag", "tag", "clip_id"),
 )
@@ -83,9 +89,7 @@ changes = sa.Table(
 clip_tokens = sa.Table(
     "clip_tokens",
     metadata,
-    sa.Column(
-        "clip_id", BigId, sa.ForeignKey("clips.clip_id", ondelete="CASCADE"), primary_key=True
-    ),
+    _clip_key(),
     sa.Column("encoder_version", sa.Text, primary_key=True),
     sa.Column("data", sa.LargeBinary, nullable=False),  # safetensors: high, low, counts (bf16)
 )
@@ -93,9 +97,7 @@ clip_tokens = sa.Table(
 clip_posters = sa.Table(
     "clip_posters",
     metadata,
-    sa.Column(
-        "clip_id", BigId, sa.ForeignKey("clips.clip_id", ondelete="CASCADE"), primary_key=True
-    ),
+    _clip_key(),
     sa.Column("jpeg", sa.LargeBinary, nullable=False),
 )
 

@@ -17,6 +17,10 @@ depends_on = None
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
+# A migration states the schema as it was at its revision, never the live definition in
+# memory_bank/manifest.py: that one moves on with later revisions.
+
+
 def upgrade() -> None:
     op.create_table(
         "clips",

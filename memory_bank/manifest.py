@@ -17,7 +17,12 @@ transaction-scoped advisory lock (:data:`CHANGE_LOG_LOCK`), which serialises the
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -26,6 +31,10 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import URL, Engine, make_url
 
 from memory_bank.errors import BankCorrupt
+
+P = ParamSpec("P")
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
 
@@ -165,6 +174,33 @@ def _alembic_config(connection: sa.Connection) -> Config:
     return config
 
 
+RECONNECT_ATTEMPTS = 3
+
+
+def reconnecting(operation: Callable[P, T]) -> Callable[P, T]:
+    """Run ``operation`` again on a fresh connection when the database dropped ours (a restarted
+    server, a terminated backend, a failover).
+
+    Every manifest operation is a single transaction, so a dropped one either committed or left
+    nothing behind; re-running it is safe (an insert that did commit comes back a duplicate).
+    """
+
+    @functools.wraps(operation)
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        for attempt in range(RECONNECT_ATTEMPTS):
+            try:
+                return operation(*args, **kwargs)
+            except sa.exc.DBAPIError as error:
+                if not error.connection_invalidated or attempt == RECONNECT_ATTEMPTS - 1:
+                    raise
+                logger.warning("manifest connection lost (%s); retrying", error.orig)
+                time.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    return run
+
+
+@reconnecting
 def upgrade(engine: Engine) -> None:
     """Bring the manifest to the newest schema; a bank of an earlier release is upgraded in
     place (it holds the baseline schema without Alembic's version table, so it is stamped)."""

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
-import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 import sqlalchemy as sa
@@ -51,8 +49,6 @@ RECORD_COLUMNS = (
     clips.c.size_bytes, clips.c.created_at, clips.c.encoder_version,
 )  # fmt: skip
 MAX_ID = 2**63 - 1
-T = TypeVar("T")
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,32 +87,6 @@ def _older_than(path: Path, seconds: float) -> bool:
         return time.time() - path.stat().st_mtime > seconds
     except FileNotFoundError:
         return False
-
-
-RECONNECT_ATTEMPTS = 3
-
-
-def _reconnecting(operation: Callable[..., T]) -> Callable[..., T]:
-    """Run ``operation`` again on a fresh connection when the database dropped ours (a restarted
-    server, a terminated backend, a failover).
-
-    Every store operation is a single transaction, so a dropped one either committed or left
-    nothing behind; re-running it is safe (an insert that did commit comes back a duplicate).
-    """
-
-    @functools.wraps(operation)
-    def run(self: ClipStore, *args: Any, **kwargs: Any) -> T:
-        for attempt in range(RECONNECT_ATTEMPTS):
-            try:
-                return operation(self, *args, **kwargs)
-            except sa.exc.DBAPIError as error:
-                if not error.connection_invalidated or attempt == RECONNECT_ATTEMPTS - 1:
-                    raise
-                logger.warning("manifest connection lost (%s); retrying", error.orig)
-                time.sleep(0.1 * 2**attempt)
-        raise AssertionError("unreachable")
-
-    return run
 
 
 def _shard(content_hash: str) -> str:
@@ -163,12 +133,12 @@ class ClipStore:
                 )
             yield connection
 
-    @_reconnecting
+    @manifest.reconnecting
     def _query(self, statement: sa.Executable) -> list[sa.Row]:
         with self._reader.connect() as connection:
             return list(connection.execute(statement))
 
-    @_reconnecting
+    @manifest.reconnecting
     def _scalar(self, statement: sa.Executable) -> Any:
         with self._reader.connect() as connection:
             return connection.execute(statement).scalar()
@@ -186,7 +156,7 @@ class ClipStore:
     def meta(self, key: str) -> str | None:
         return self._scalar(sa.select(meta.c.value).where(meta.c.key == key))
 
-    @_reconnecting
+    @manifest.reconnecting
     def set_meta(self, key: str, value: str) -> None:
         with self._transaction() as db:
             db.execute(sa.delete(meta).where(meta.c.key == key))
@@ -225,7 +195,7 @@ class ClipStore:
 
     # -- records -----------------------------------------------------------------------------------
 
-    @_reconnecting
+    @manifest.reconnecting
     def insert(
         self,
         clip: NewClip,
@@ -324,7 +294,7 @@ class ClipStore:
     def count(self) -> int:
         return self._scalar(sa.select(sa.func.count()).select_from(clips))
 
-    @_reconnecting
+    @manifest.reconnecting
     def delete(self, clip_id: int) -> ClipRecord:
         """Remove the row (and log it), then its files; returns the deleted record."""
         record = self.get(clip_id)
@@ -361,7 +331,7 @@ class ClipStore:
         )
         return {clip_id: _tokens_from_bytes(data) for clip_id, data in rows}
 
-    @_reconnecting
+    @manifest.reconnecting
     def set_tokens(self, clip_id: int, encoder_version: str, tokens: ClipTokens) -> None:
         """Store the clip's tokens for ``encoder_version`` and make that version current."""
         data = _tokens_bytes(tokens)

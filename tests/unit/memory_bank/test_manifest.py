@@ -292,3 +292,22 @@ def test_a_connection_dropped_in_the_middle_of_an_operation_is_retried(tmp_path:
         assert store.count() == 2 and store.get(clip.clip_id).caption == "clip number 2"
         assert [c.op for c in store.changes_since(0)] == ["add", "add"]
         store.close()
+
+
+def test_opening_a_bank_survives_a_connection_dropped_during_its_migration():
+    from memory_bank import manifest
+
+    with temporary_database() as url:
+        writer, _ = manifest.create_engines(manifest.database_url(Path("."), url))
+        dropped = []
+
+        @sa.event.listens_for(writer, "before_cursor_execute")
+        def drop_once(connection, cursor, statement, *args) -> None:
+            if not dropped and "pg_advisory_xact_lock" in statement:
+                dropped.append(terminate_connections(url))
+
+        manifest.upgrade(writer)  # the first attempt's connection dies under it
+        assert dropped and dropped[0] >= 1
+        with writer.connect() as connection:
+            assert sa.inspect(connection).has_table("clip_tokens")
+        writer.dispose()

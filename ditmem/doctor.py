@@ -61,7 +61,7 @@ def check_weights(settings: Settings) -> list[Check]:
         checks.append(Check("weights", False, f"no pipeline folder: {preset.weights_hint}"))
     else:
         try:
-            check_pipeline_folder(Path(folder), preset.weights_hint, kind=f"{preset.name}")
+            check_pipeline_folder(Path(folder), preset.weights_hint, kind=preset.name)
             checks.append(Check("weights", True, str(folder)))
         except WeightsNotFound as error:
             checks.append(Check("weights", False, str(error)))

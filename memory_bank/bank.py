@@ -211,10 +211,9 @@ class MemoryBank:
         self._unsaved = 0
 
     def _snapshot_due(self) -> bool:
+        # Enough changes since the last snapshot, or an index built here that none holds yet.
         never_saved = any(index.saved < 0 for index in self._indexes)
-        return self._unsaved >= self.options.save_index_every or (
-            never_saved and any(index.unsaved or index.saved < 0 for index in self._indexes)
-        )
+        return never_saved or self._unsaved >= self.options.save_index_every
 
     def _write_snapshots(self) -> None:
         """Background writer: snapshots the indexes when enough changes are applied, or once

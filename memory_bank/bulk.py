@@ -78,6 +78,14 @@ def _row(row: dict, number: int, source: Path) -> CaptionRow:
     )
 
 
+def row_path(folder: Path, row: CaptionRow) -> Path:
+    """Where a row's video is; a path that leaves ``folder`` is refused (:class:`ClipRejected`)."""
+    path = (folder / row.video).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise ClipRejected(f"{row.video}: outside {folder}")
+    return path
+
+
 def import_folder(
     ingestor: ClipIngestor,
     folder: str | Path,
@@ -98,11 +106,8 @@ def import_folder(
     summary = ImportSummary()
     bar = tqdm(rows, desc="importing", unit="clip", disable=not progress)
     for row in bar:
-        path = (folder / row.video).resolve()
-        if not path.is_relative_to(folder.resolve()):
-            summary.rejected.append((row, f"{row.video}: outside {folder}"))
-            continue
         try:
+            path = row_path(folder, row)
             result = ingestor.ingest(
                 path, row.caption, row.tags + extra_tags, source_name=row.video
             )

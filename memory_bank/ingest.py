@@ -155,14 +155,16 @@ class ClipIngestor:
     ) -> IngestResult:
         """Validate and add one clip; an identical file already in the bank is returned as is."""
         path = Path(path)
+        content_hash = None
         if path.is_file() and path.stat().st_size <= self.limits.max_bytes:
             # Hashing first makes re-running an import cheap: known files skip all decoding.
-            existing = self.bank.find_by_hash(file_sha256(path))
+            content_hash = file_sha256(path)
+            existing = self.bank.find_by_hash(content_hash)
             if existing is not None:
                 return IngestResult(existing, created=False)
-        info = validate_clip(path, caption, self.limits)
+        info = validate_clip(path, caption, self.limits)  # refuses a missing or oversize file
         tags = clean_tags(tags)
-        content_hash = file_sha256(path)
+        content_hash = content_hash or file_sha256(path)
 
         try:
             video = load_memory_clip(path, self.preset)

@@ -45,15 +45,16 @@ class SyncedIndex:
         self.model_name = model_name
         self.dim = dim
         self.config = config
-        self.index, self.applied = self._load_saved()
-        self.saved = self.applied if self.loaded_from_snapshot else -1
+        self.index, self.applied, from_snapshot = self._load_saved()
+        # The log position of the newest stored snapshot; -1: none, the index was built here.
+        self.saved = self.applied if from_snapshot else -1
 
     @property
     def _pointer(self) -> str:
         return f"{FOLDER}/{self.kind}.json"
 
-    def _load_saved(self) -> tuple[VectorIndex, int]:
-        self.loaded_from_snapshot = False
+    def _load_saved(self) -> tuple[VectorIndex, int, bool]:
+        """The newest snapshot, or a fresh build; and whether it came from a snapshot."""
         files = self.store.files
         try:
             pointer = json.loads(files.get_bytes(self._pointer))
@@ -61,13 +62,12 @@ class SyncedIndex:
                 raise IndexCorrupt(f"saved for {pointer['model']}, not {self.model_name}")
             key = f"{FOLDER}/{pointer['file']}"
             index = VectorIndex.from_bytes(files.get_bytes(key), self.config, origin=key)
-            self.loaded_from_snapshot = True
-            return index, int(pointer["seq"])
+            return index, int(pointer["seq"]), True
         except ObjectMissing:
             pass
         except (IndexCorrupt, KeyError, ValueError) as error:
             logger.warning("rebuilding the %s index of %s: %s", self.kind, self.store.root, error)
-        return self.build()
+        return (*self.build(), False)
 
     def build(self) -> tuple[VectorIndex, int]:
         """A fresh index of the whole manifest and the log position it reflects."""

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from model.encoder import MemoryEncoder
 from model.errors import CheckpointError, WeightsNotFound
-from model.presets import WAN21_T2V_1_3B, Preset, get_preset
+from model.presets import Preset, get_preset
 
 logger = logging.getLogger(__name__)
 
@@ -197,13 +197,12 @@ def official_state_dict(encoder: MemoryEncoder) -> dict[str, torch.Tensor]:
 
 # -- whole pipelines ------------------------------------------------------------------------------
 
-WAN_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+PIPELINE_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 PIPELINE_INDEX = "model_index.json"
 # model_index.json names our own component classes by module path ("model.toy.components");
 # diffusers resolves such names only from modules already imported, so we import those, and
 # only those of this package.
 OWN_PACKAGE = __name__.split(".")[0]
-WAN_DOWNLOAD_HINT = WAN21_T2V_1_3B.weights_hint
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -217,14 +216,9 @@ def check_pipeline_folder(path: Path, hint: str, kind: str = "pipeline") -> None
     """Raise :class:`WeightsNotFound` naming the first part of a pipeline folder that is missing."""
     if not path.is_dir():
         raise WeightsNotFound(f"{kind} weights folder {path} does not exist; {hint}")
-    for name in (PIPELINE_INDEX, *WAN_SUBFOLDERS):
+    for name in (PIPELINE_INDEX, *PIPELINE_SUBFOLDERS):
         if not (path / name).exists():
             raise WeightsNotFound(f"{path} has no {name}: not a {kind} folder; {hint}")
-
-
-def check_wan_folder(path: Path) -> None:
-    """Raise :class:`WeightsNotFound` naming the first part of a Wan folder that is missing."""
-    check_pipeline_folder(path, WAN_DOWNLOAD_HINT, kind="Wan2.1 Diffusers")
 
 
 def component_dtypes(preset: Preset, device: torch.device) -> dict[str, torch.dtype]:

@@ -18,7 +18,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from memory_bank.bank import MemoryBank
-from memory_bank.bulk import CaptionRow, ImportSummary
+from memory_bank.bulk import CaptionRow, ImportSummary, row_path
+from memory_bank.errors import ClipRejected
 from memory_bank.ingest import file_sha256
 from memory_bank.storage import ObjectStorage
 from runtime.dispatch import Dispatcher
@@ -96,10 +97,12 @@ def fan_out_import(
                 return
 
     for row in rows:
-        path = (folder / row.video).resolve()
-        if not path.is_relative_to(folder) or not path.is_file():
-            reason = "outside the folder" if not path.is_relative_to(folder) else "no such file"
-            summary.rejected.append((row, f"{row.video}: {reason}"))
+        try:
+            path = row_path(folder, row)
+            if not path.is_file():  # workers on other hosts could not tell why
+                raise ClipRejected(f"{row.video}: no such file")
+        except ClipRejected as error:
+            summary.rejected.append((row, str(error)))
             bar.update()
             continue
         content_hash = file_sha256(path)

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -381,9 +381,8 @@ class RedisJobStore(JobStore):
         return f"{self.prefix}:v2:queued:{owner}"
 
     @staticmethod
-    def _encode(job: JobRecord, fields: Iterable[str] | None = None) -> dict[str, str]:
-        values = job.model_dump(mode="json", include=set(fields) if fields else None)
-        return {name: json.dumps(value) for name, value in values.items()}
+    def _encode(job: JobRecord) -> dict[str, str]:
+        return {name: json.dumps(value) for name, value in job.model_dump(mode="json").items()}
 
     def _decode(self, job_id: str, raw: dict[str, str]) -> JobRecord | None:
         if not raw:

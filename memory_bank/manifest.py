@@ -22,15 +22,15 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import URL, Engine, make_url
 
 from memory_bank.errors import BankCorrupt
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -131,7 +131,10 @@ def database_url(root: Path, url: str | None) -> URL:
     """The manifest's SQLAlchemy URL: ``url`` (PostgreSQL through psycopg 3) or the bank file."""
     if url is None:
         return URL.create("sqlite", database=str(Path(root) / "manifest.sqlite3"))
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError:
+        raise BankCorrupt(f"manifest database URL {url!r} is not a database URL") from None
     if parsed.get_backend_name() == "postgresql":
         return parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":
@@ -168,6 +171,9 @@ def create_engines(url: URL) -> tuple[Engine, Engine]:
 
 
 def _alembic_config(connection: sa.Connection) -> Config:
+    # Imported here: settings validate URLs with this module, and need no migration machinery.
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -204,6 +210,9 @@ def reconnecting(operation: Callable[P, T]) -> Callable[P, T]:
 def upgrade(engine: Engine) -> None:
     """Bring the manifest to the newest schema; a bank of an earlier release is upgraded in
     place (it holds the baseline schema without Alembic's version table, so it is stamped)."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
             # Two processes opening a new database at once must not both create the tables.

@@ -646,6 +646,12 @@ def open_storage(
     """
     if url is None:
         return LocalStorage(local_root)
+    bucket, prefix = parse_storage_url(url)
+    return S3Storage(bucket, prefix, endpoint_url=endpoint_url)
+
+
+def parse_storage_url(url: str) -> tuple[str, str]:
+    """``s3://bucket[/prefix]`` -> ``(bucket, prefix)``; anything else is a ``ValueError``."""
     parts = urlsplit(url)
     if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
         raise ValueError(
@@ -655,4 +661,4 @@ def open_storage(
     prefix = parts.path.strip("/")
     if prefix and not _is_key(prefix):
         raise ValueError(f"storage URL {url!r} has an invalid prefix {prefix!r}")
-    return S3Storage(parts.netloc, prefix, endpoint_url=endpoint_url)
+    return parts.netloc, prefix

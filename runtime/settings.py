@@ -10,9 +10,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from memory_bank.errors import BankCorrupt
+from memory_bank.manifest import database_url
+from memory_bank.storage import parse_storage_url
 from runtime.keys import ApiKey
 
 logger = logging.getLogger(__name__)
@@ -119,6 +122,23 @@ class Settings(BaseSettings):
                 "(local weights; nothing is downloaded)"
             )
         return self
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url_is_a_bucket(cls, url: str | None) -> str | None:
+        if url is not None:
+            parse_storage_url(url)  # a bad one fails here, not when a process opens it
+        return url
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_supported(cls, url: str | None) -> str | None:
+        if url is not None:
+            try:
+                database_url(Path("."), url)
+            except BankCorrupt as error:
+                raise ValueError(str(error)) from None
+        return url
 
     @model_validator(mode="after")
     def _warn_about_unknown_variables(self) -> Settings:

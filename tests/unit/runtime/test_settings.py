@@ -67,3 +67,25 @@ def test_real_preset_without_weight_paths_is_rejected(monkeypatch: pytest.Monkey
 def test_unknown_preset_is_rejected():
     with pytest.raises(ValidationError):
         Settings(_env_file=None, preset="huge")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("storage_url", "ftp://bucket/x", "expected s3://bucket"),
+        ("storage_url", "s3://", "expected s3://bucket"),
+        ("database_url", "mysql://user@host/db", "unsupported manifest database 'mysql'"),
+        ("database_url", "not a url", "is not a database URL"),
+    ],
+)
+def test_an_unusable_storage_or_database_url_is_refused_with_its_reason(field, value, message):
+    with pytest.raises(ValidationError, match=message):
+        Settings(_env_file=None, **{field: value})
+
+
+def test_bucket_and_postgresql_urls_are_accepted():
+    settings = Settings(
+        _env_file=None, storage_url="s3://ditmem/prod",
+        database_url="postgresql://ditmem@db.internal:5432/ditmem",
+    )  # fmt: skip
+    assert settings.storage_url == "s3://ditmem/prod"

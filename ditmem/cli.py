@@ -241,23 +241,27 @@ def _import_on_the_fleet(
 @memory_app.command("list")
 def memory_list(
     tag: Annotated[str | None, typer.Option(help="Only clips with this tag.")] = None,
-    offset: Annotated[int, typer.Option(min=0)] = 0,
+    before: Annotated[
+        int | None, typer.Option(min=1, help="Only clips with smaller ids (the next page).")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
     bank: BankOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List clips, newest first."""
+    """List clips, newest first, a page at a time."""
     from runtime.builders import open_bank
 
     with user_errors(), open_bank(_settings(bank_dir=bank)) as opened:
-        page = opened.list(offset=offset, limit=limit, tag=tag)
+        page = opened.list(before=before, limit=limit, tag=tag)
+        total = opened.count(tag)
     if as_json:
         typer.echo(page.model_dump_json(indent=2))
         return
     for record in page.items:
         tags = ",".join(record.tags)
         typer.echo(f"{record.clip_id}\t{record.duration_s:.1f}s\t{tags}\t{record.caption}")
-    typer.echo(f"{len(page.items)} of {page.total} clips", err=True)
+    more = f"; next page: --before {page.next_cursor}" if page.next_cursor else ""
+    typer.echo(f"{len(page.items)} of {total} clips{more}", err=True)
 
 
 @memory_app.command("search")

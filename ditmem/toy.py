@@ -352,7 +352,7 @@ def train_toy(config: ToyTrainConfig, report: Report = logger.info) -> Path:
                 report=report,
             )
         # Every clip of a motion ties for retrieval (same caption); the pool is all of them.
-        per_motion = min(bank.list(tag=motion_tag(m), limit=1).total for m in MOTIONS)
+        per_motion = min(bank.count(motion_tag(m)) for m in MOTIONS)
         encoder_config = TrainConfig(
             run_dir=run_dir / "encoder",
             steps=config.encoder_steps,

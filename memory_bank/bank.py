@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -22,11 +23,11 @@ import torch
 from pydantic import BaseModel, Field
 
 from memory_bank.embed import TextEmbedder
-from memory_bank.errors import BankCorrupt, ClipNotFound, DuplicateClip
+from memory_bank.errors import BankCorrupt, ClipNotFound
 from memory_bank.index import IndexConfig
 from memory_bank.schemas import ClipPage, ClipRecord, SearchHit
 from memory_bank.storage import ObjectMissing, ObjectStorage
-from memory_bank.store import ClipStore, NewClip
+from memory_bank.store import ClipRow, ClipStore, NewClip
 from memory_bank.synced_index import SyncedIndex
 from model.tokens import ClipTokens
 
@@ -85,6 +86,18 @@ class _LruCache:
                 while len(self._items) > self.size:
                     self._items.popitem(last=False)
         return value
+
+
+@dataclass(frozen=True)
+class ClipToAdd:
+    """A clip ready to store: what ingest computed for it."""
+
+    clip: NewClip
+    tokens: ClipTokens  # (1, U, F), from the encoder ``encoder_version``
+    encoder_version: str  # fingerprint of that encoder
+    poster_jpeg: bytes  # a small poster frame for listings
+    latent: torch.Tensor | None = None  # canonical VAE latent (C, D, H, W); kept if the bank
+    source: Path | None = None  # keeps latents; the uploaded file, kept if it keeps sources
 
 
 class AddedClip(NamedTuple):
@@ -243,6 +256,9 @@ class MemoryBank:
 
     @property
     def index_size(self) -> int:
+        """Clips in the caption index, i.e. in the bank, once changes are applied: a count
+        that costs no query over the manifest."""
+        self.refresh()
         return len(self._text)
 
     # -- reading -----------------------------------------------------------------------------------
@@ -312,8 +328,26 @@ class MemoryBank:
         """Records in the order of ``clip_ids``; unknown ids raise :class:`ClipNotFound`."""
         return self.store.get_many(clip_ids)
 
-    def list(self, *, offset: int = 0, limit: int = 50, tag: str | None = None) -> ClipPage:
-        return self.store.list(offset=offset, limit=limit, tag=tag)
+    def list(
+        self, *, before: int | None = None, limit: int = 50, tag: str | None = None
+    ) -> ClipPage:
+        """A page of clips newest first; pass its ``next_cursor`` as ``before`` for the next."""
+        return self.store.list(before=before, limit=limit, tag=tag)
+
+    def iter_clips(self, tag: str | None = None, page_size: int = 500) -> Iterator[ClipRecord]:
+        """Every clip (of one tag), newest first, a page at a time."""
+        before = None
+        while True:
+            page = self.list(before=before, limit=page_size, tag=tag)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            before = page.next_cursor
+
+    def count(self, tag: str | None = None) -> int:
+        """How many clips the bank holds (with ``tag``): a count query (``index_size`` counts
+        all clips without one)."""
+        return self.store.count(tag)
 
     def __len__(self) -> int:
         return self.store.count()
@@ -407,47 +441,45 @@ class MemoryBank:
         latent: torch.Tensor | None = None,
         source: Path | None = None,
     ) -> AddedClip:
-        """Store a new clip: its files first, then its manifest row, then the index entry.
+        """Store one new clip (see :meth:`add_clips`)."""
+        return self.add_clips(
+            [ClipToAdd(clip, tokens, encoder_version, poster_jpeg, latent, source)]
+        )[0]
 
-        Args:
-            clip: The clip's metadata and embeddings.
-            tokens: Its memory tokens ``(1, U, F)`` from the encoder ``encoder_version``.
-            encoder_version: Fingerprint of the encoder that made ``tokens``.
-            poster_jpeg: A small poster frame (JPEG bytes) for listings.
-            latent: Its canonical VAE latent ``(C, D, H, W)``; kept if the bank keeps latents.
-            source: The uploaded file; copied in if the bank keeps sources.
+    def add_clips(self, items: Sequence[ClipToAdd]) -> list[AddedClip]:
+        """Store new clips: their files first, then their manifest rows in one transaction,
+        then their index entries.
 
-        A crash before the row is written leaves only unreferenced files (see
-        ``collect_garbage``), never a row pointing at a missing file. If a clip with the same
-        content hash is already in the bank - e.g. ingested concurrently by another process -
-        that clip is returned with ``created=False``; its files are the same as these.
+        A crash before the rows are written leaves only unreferenced files (see
+        ``collect_garbage``), never a row pointing at a missing file. A clip whose content hash
+        is already in the bank - e.g. ingested concurrently by another process - comes back as
+        that clip with ``created=False``; its files are the same as these.
         """
-        keep_latent = self.options.keep_latents and latent is not None
-        source_ext = None
-        if self.options.keep_sources and source is not None:
-            source_ext = source.suffix.lower() or ".bin"
-        content_hash = clip.content_hash
-        if keep_latent:
-            self.store.put_latent(content_hash, latent)
-        if source_ext is not None:
-            self.store.put_source(content_hash, source_ext, source)
-        try:
-            record = self.store.insert(
-                clip,
-                tokens=tokens,
-                encoder_version=encoder_version,
-                poster_jpeg=poster_jpeg,
-                has_latent=keep_latent,
-                source_ext=source_ext,
+        rows = []
+        for item in items:
+            keep_latent = self.options.keep_latents and item.latent is not None
+            source_ext = None
+            if self.options.keep_sources and item.source is not None:
+                source_ext = item.source.suffix.lower() or ".bin"
+            content_hash = item.clip.content_hash
+            if keep_latent:
+                self.store.put_latent(content_hash, item.latent)
+            if source_ext is not None:
+                self.store.put_source(content_hash, source_ext, item.source)
+            rows.append(
+                ClipRow(
+                    item.clip,
+                    item.tokens,
+                    item.encoder_version,
+                    item.poster_jpeg,
+                    has_latent=keep_latent,
+                    source_ext=source_ext,
+                )
             )
-        except DuplicateClip:
-            # Another writer stored the same file first; its files are the same as these.
-            existing = self.store.find_by_hash(content_hash)
-            if existing is None:  # and deleted it again since
-                raise
-            return AddedClip(existing, created=False)
-        self.refresh()
-        return AddedClip(record, created=True)
+        added = [AddedClip(record, created) for record, created in self.store.insert_many(rows)]
+        if any(clip.created for clip in added):
+            self.refresh()
+        return added
 
     def replace_tokens(self, clip_id: int, encoder_version: str, tokens: ClipTokens) -> None:
         """Cache the clip's tokens ``(1, U, F)`` from another encoder and make them current, in

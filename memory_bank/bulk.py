@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from memory_bank.errors import ClipRejected
-from memory_bank.ingest import ClipIngestor
+from memory_bank.ingest import ClipIngestor, IngestItem, IngestResult
 
 PATH_COLUMNS = ("video", "path", "file", "video_path", "filename")
 CAPTION_COLUMNS = ("caption", "text", "prompt", "description")
@@ -92,9 +92,11 @@ def import_folder(
     captions: str | Path,
     *,
     extra_tags: tuple[str, ...] = (),
+    batch_size: int = 16,
     progress: bool = True,
 ) -> ImportSummary:
-    """Ingest every row of ``captions`` whose video lives under ``folder``.
+    """Ingest every row of ``captions`` whose video lives under ``folder``, ``batch_size``
+    clips per manifest transaction.
 
     A bad row (missing file, not a video, out of bounds) is recorded with its reason and the
     import goes on; nothing already stored is touched.
@@ -104,21 +106,31 @@ def import_folder(
         raise ValueError(f"{folder} is not a folder")
     rows = list(read_caption_rows(captions))
     summary = ImportSummary()
-    bar = tqdm(rows, desc="importing", unit="clip", disable=not progress)
-    for row in bar:
-        try:
-            path = row_path(folder, row)
-            result = ingestor.ingest(
-                path, row.caption, row.tags + extra_tags, source_name=row.video
-            )
-        except ClipRejected as error:
-            summary.rejected.append((row, str(error)))
-        else:
-            if result.created:
+    bar = tqdm(total=len(rows), desc="importing", unit="clip", disable=not progress)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        outcomes: dict[int, IngestResult | ClipRejected] = {}
+        items: dict[int, IngestItem] = {}
+        for position, row in enumerate(batch):
+            try:
+                path = row_path(folder, row)
+            except ClipRejected as error:
+                outcomes[position] = error
+            else:
+                items[position] = IngestItem(path, row.caption, row.tags + extra_tags, row.video)
+        ingested = ingestor.ingest_many(list(items.values()))
+        outcomes.update(zip(items, ingested, strict=True))
+        for position, row in enumerate(batch):  # in the file's order
+            outcome = outcomes[position]
+            if isinstance(outcome, ClipRejected):
+                summary.rejected.append((row, str(outcome)))
+            elif outcome.created:
                 summary.imported += 1
             else:
                 summary.already_present += 1
+        bar.update(len(batch))
         bar.set_postfix(
             new=summary.imported, skipped=summary.already_present, bad=len(summary.rejected)
         )
+    bar.close()
     return summary

@@ -9,20 +9,23 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from memory_bank.bank import MemoryBank, NewClip
+from memory_bank.bank import ClipToAdd, MemoryBank, NewClip
 from memory_bank.errors import ClipRejected
 from memory_bank.schemas import ClipRecord
 from model.errors import InvalidClip
 from model.pipeline import MemoryWanPipeline
 from model.preprocess import ClipInfo, load_memory_clip, probe_clip
 from model.presets import Preset
+from model.tokens import ClipTokens
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,32 @@ class TokenRefresh:
 
     updated: list[int] = field(default_factory=list)
     unrecoverable: list[int] = field(default_factory=list)  # neither latent nor source kept
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    """One file to ingest and what to store with it."""
+
+    path: Path
+    caption: str
+    tags: tuple[str, ...] = ()
+    source_name: str | None = None  # the name it was uploaded as (default: the file's)
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A clip ingest has validated and encoded, waiting for its batch's caption embeddings."""
+
+    item: IngestItem
+    caption: str
+    content_hash: str
+    info: ClipInfo
+    size_bytes: int
+    tags: tuple[str, ...]
+    latent: torch.Tensor
+    tokens: ClipTokens
+    poster_jpeg: bytes
+    visual_embedding: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -153,8 +182,69 @@ class ClipIngestor:
         *,
         source_name: str | None = None,
     ) -> IngestResult:
-        """Validate and add one clip; an identical file already in the bank is returned as is."""
-        path = Path(path)
+        """Validate and add one clip; an identical file already in the bank is returned as is.
+
+        Raises:
+            ClipRejected: the file or its caption is refused, with the reason.
+        """
+        [outcome] = self.ingest_many([IngestItem(Path(path), caption, tuple(tags), source_name)])
+        if isinstance(outcome, ClipRejected):
+            raise outcome
+        return outcome
+
+    def ingest_many(self, items: Sequence[IngestItem]) -> list[IngestResult | ClipRejected]:
+        """Validate, encode and add several clips, written to the bank in one transaction.
+
+        Returns one outcome per item, in order: its result, or the :class:`ClipRejected` that
+        says why it was refused (the other items are stored all the same).
+        """
+        outcomes: list[IngestResult | ClipRejected | _Encoded] = []
+        for item in items:
+            try:
+                outcomes.append(self._encode(item))
+            except ClipRejected as error:
+                outcomes.append(error)
+        encoded = [outcome for outcome in outcomes if isinstance(outcome, _Encoded)]
+        if not encoded:
+            return outcomes  # type: ignore[return-value]
+        # One embedder call for the batch's captions: cheaper than one per clip.
+        embeddings = self.bank.embedder.embed([e.caption for e in encoded])
+        visual = self.bank.visual
+        to_add = [
+            ClipToAdd(
+                NewClip(
+                    caption=e.caption,
+                    source_name=e.item.source_name or e.item.path.name,
+                    content_hash=e.content_hash,
+                    duration_s=e.info.duration_s,
+                    fps=e.info.fps,
+                    num_frames=e.info.num_frames,
+                    width=e.info.width,
+                    height=e.info.height,
+                    size_bytes=e.size_bytes,
+                    tags=e.tags,
+                    embedder=self.bank.embedder.name,
+                    text_embedding=embedding,
+                    visual_embedder=visual.name if visual is not None else None,
+                    visual_embedding=e.visual_embedding,
+                ),
+                tokens=e.tokens,
+                encoder_version=self.encoder_version,
+                poster_jpeg=e.poster_jpeg,
+                latent=e.latent,  # the bank keeps it, and the file, only if its options say so
+                source=e.item.path,
+            )
+            for e, embedding in zip(encoded, embeddings, strict=True)
+        ]
+        added = iter(self.bank.add_clips(to_add))
+        return [
+            IngestResult(*next(added)) if isinstance(outcome, _Encoded) else outcome
+            for outcome in outcomes
+        ]
+
+    def _encode(self, item: IngestItem) -> IngestResult | _Encoded:
+        """Everything about one clip but its caption embedding, or the clip already stored."""
+        path = item.path
         content_hash = None
         if path.is_file() and path.stat().st_size <= self.limits.max_bytes:
             # Hashing first makes re-running an import cheap: known files skip all decoding.
@@ -162,10 +252,9 @@ class ClipIngestor:
             existing = self.bank.find_by_hash(content_hash)
             if existing is not None:
                 return IngestResult(existing, created=False)
-        info = validate_clip(path, caption, self.limits)  # refuses a missing or oversize file
-        tags = clean_tags(tags)
+        info = validate_clip(path, item.caption, self.limits)  # a missing or oversize file too
+        tags = clean_tags(item.tags)
         content_hash = content_hash or file_sha256(path)
-
         try:
             video = load_memory_clip(path, self.preset)
         except InvalidClip as error:
@@ -173,36 +262,19 @@ class ClipIngestor:
         with torch.no_grad():
             latent = self.pipe.encode_clip_latents(video.unsqueeze(0))
             tokens = self.pipe.memory_encoder.resample(latent.to(self.pipe.memory_encoder.device))
-        embedding = self.bank.embedder.embed([caption.strip()])[0]
         visual = self.bank.visual
-        visual_embedding = visual.embed_clip(path) if visual is not None else None
-
-        clip = NewClip(
-            caption=caption.strip(),
-            source_name=source_name or path.name,
+        return _Encoded(
+            item=item,
+            caption=item.caption.strip(),
             content_hash=content_hash,
-            duration_s=info.duration_s,
-            fps=info.fps,
-            num_frames=info.num_frames,
-            width=info.width,
-            height=info.height,
+            info=info,
             size_bytes=path.stat().st_size,
             tags=tags,
-            embedder=self.bank.embedder.name,
-            text_embedding=embedding,
-            visual_embedder=visual.name if visual is not None else None,
-            visual_embedding=visual_embedding,
-        )
-        # The bank keeps the latent and the file itself only if its options say so.
-        added = self.bank.add_clip(
-            clip,
-            tokens=tokens,
-            encoder_version=self.encoder_version,
-            poster_jpeg=poster_jpeg(path),
             latent=latent[0],
-            source=path,
+            tokens=tokens,
+            poster_jpeg=poster_jpeg(path),
+            visual_embedding=visual.embed_clip(path) if visual is not None else None,
         )
-        return IngestResult(added.record, created=added.created)
 
     def refresh_tokens(self) -> TokenRefresh:
         """Recompute the cached tokens of clips encoded by another encoder version.

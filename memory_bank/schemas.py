@@ -36,7 +36,8 @@ class SearchHit(BaseModel):
 
 
 class ClipPage(BaseModel):
+    """Clips newest first; the next page starts ``before`` the ``next_cursor`` id."""
+
     items: list[ClipRecord]
-    total: int
-    offset: int
+    next_cursor: int | None = Field(None, description="pass as ``before`` for the next page")
     limit: int

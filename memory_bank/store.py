@@ -22,7 +22,7 @@ import contextlib
 import fcntl
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -69,6 +69,34 @@ class NewClip:
     text_embedding: np.ndarray  # (dim,) float32, unit norm
     visual_embedder: str | None = None
     visual_embedding: np.ndarray | None = None  # (dim,) float32, unit norm, keyframes' mean
+
+
+@dataclass(frozen=True)
+class ClipRow:
+    """A clip as the manifest stores it: metadata and embeddings plus its small payloads."""
+
+    clip: NewClip
+    tokens: ClipTokens  # (1, U, F)
+    encoder_version: str
+    poster_jpeg: bytes
+    has_latent: bool
+    source_ext: str | None
+
+
+def _clip_values(row: ClipRow) -> dict[str, Any]:
+    clip = row.clip
+    return dict(
+        caption=clip.caption, source_name=clip.source_name, content_hash=clip.content_hash,
+        duration_s=clip.duration_s, fps=clip.fps, num_frames=clip.num_frames,
+        width=clip.width, height=clip.height, size_bytes=clip.size_bytes,
+        created_at=datetime.now(timezone.utc).isoformat(), encoder_version=row.encoder_version,
+        has_latent=bool(row.has_latent), source_ext=row.source_ext, embedder=clip.embedder,
+        text_embedding=_vector_bytes(clip.text_embedding),
+        visual_embedder=clip.visual_embedder,
+        visual_embedding=(
+            None if clip.visual_embedding is None else _vector_bytes(clip.visual_embedding)
+        ),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -195,7 +223,6 @@ class ClipStore:
 
     # -- records -----------------------------------------------------------------------------------
 
-    @manifest.reconnecting
     def insert(
         self,
         clip: NewClip,
@@ -206,46 +233,98 @@ class ClipStore:
         has_latent: bool,
         source_ext: str | None,
     ) -> ClipRecord:
-        """Add a clip row with its tokens and poster (its files must already be in place) and
-        log the change, in one transaction.
+        """Add one clip (see :meth:`insert_many`).
 
         Raises:
             DuplicateClip: a clip with the same content hash is already in the manifest.
         """
-        row = dict(
-            caption=clip.caption, source_name=clip.source_name, content_hash=clip.content_hash,
-            duration_s=clip.duration_s, fps=clip.fps, num_frames=clip.num_frames,
-            width=clip.width, height=clip.height, size_bytes=clip.size_bytes,
-            created_at=datetime.now(timezone.utc).isoformat(), encoder_version=encoder_version,
-            has_latent=bool(has_latent), source_ext=source_ext, embedder=clip.embedder,
-            text_embedding=_vector_bytes(clip.text_embedding),
-            visual_embedder=clip.visual_embedder,
-            visual_embedding=(
-                None if clip.visual_embedding is None else _vector_bytes(clip.visual_embedding)
-            ),
-        )  # fmt: skip
+        row = ClipRow(clip, tokens, encoder_version, poster_jpeg, has_latent, source_ext)
+        [(record, created)] = self.insert_many([row])
+        if not created:
+            raise DuplicateClip(f"clip {clip.content_hash} is already in the bank")
+        return record
+
+    @manifest.reconnecting
+    def insert_many(self, rows: Sequence[ClipRow]) -> list[tuple[ClipRecord, bool]]:
+        """Add clip rows with their tags, tokens and posters (their files must already be in
+        place) and log the changes, all in one transaction: a bulk import pays one commit per
+        batch, not per clip.
+
+        Returns ``(record, created)`` per row, in order; ``created`` is False for a row whose
+        content hash the manifest (or an earlier row of the batch) already holds, and the
+        record is then that clip's.
+        """
+        if not rows:
+            return []
+        hashes = [row.clip.content_hash for row in rows]
+        # The first row of each hash not yet stored is a new clip; every other row is not.
+        first_of_hash: dict[str, int] = {}
+        for i, content_hash in enumerate(hashes):
+            first_of_hash.setdefault(content_hash, i)
         try:
             with self._transaction(logs_changes=True) as db:
-                clip_id = db.execute(
-                    sa.insert(clips).values(**row).returning(clips.c.clip_id)
-                ).scalar_one()
-                if clip.tags:
+                # Writers that log changes are serialised (BEGIN IMMEDIATE on SQLite, the
+                # change-log lock on PostgreSQL), so what this reads stays true until commit.
+                ids: dict[str, int] = dict(
                     db.execute(
-                        sa.insert(clip_tags),
-                        [{"clip_id": clip_id, "tag": tag} for tag in dict.fromkeys(clip.tags)],
-                    )
-                db.execute(
-                    sa.insert(clip_tokens).values(
-                        clip_id=clip_id, encoder_version=encoder_version, data=_tokens_bytes(tokens)
-                    )
+                        sa.select(clips.c.content_hash, clips.c.clip_id).where(
+                            clips.c.content_hash.in_(first_of_hash)
+                        )
+                    ).all()
                 )
-                db.execute(sa.insert(clip_posters).values(clip_id=clip_id, jpeg=poster_jpeg))
-                db.execute(sa.insert(changes).values(clip_id=clip_id, op="add"))
+                new_rows = [i for h, i in first_of_hash.items() if h not in ids]
+                fresh = [rows[i] for i in new_rows]
+                if fresh:
+                    new_ids = (
+                        db.execute(
+                            sa.insert(clips).returning(
+                                clips.c.clip_id, sort_by_parameter_order=True
+                            ),
+                            [_clip_values(row) for row in fresh],
+                        )
+                        .scalars()
+                        .all()
+                    )
+                    self._insert_payloads(db, fresh, new_ids)
+                    ids.update(
+                        (row.clip.content_hash, clip_id)
+                        for row, clip_id in zip(fresh, new_ids, strict=True)
+                    )
         except sa.exc.IntegrityError as error:
-            if self.find_by_hash(clip.content_hash) is not None:
-                raise DuplicateClip(f"clip {clip.content_hash} is already in the bank") from None
             raise BankCorrupt(f"manifest refused a clip: {error.orig}") from error
-        return self.get(clip_id)
+        records = self.find_many(list(ids.values()))
+        gone = [h for h in hashes if ids[h] not in records]
+        if gone:  # a clip this batch found stored was deleted again since
+            raise ClipNotFound(f"clip {gone[0]} was deleted while being added again")
+        created = set(new_rows)
+        return [(records[ids[h]], i in created) for i, h in enumerate(hashes)]
+
+    @staticmethod
+    def _insert_payloads(db: sa.Connection, rows: Sequence[ClipRow], ids: Sequence[int]) -> None:
+        """The rows that go with new clips: tags, tokens, poster, change-log entry."""
+        tag_rows = [
+            {"clip_id": clip_id, "tag": tag}
+            for row, clip_id in zip(rows, ids, strict=True)
+            for tag in dict.fromkeys(row.clip.tags)
+        ]
+        if tag_rows:
+            db.execute(sa.insert(clip_tags), tag_rows)
+        db.execute(
+            sa.insert(clip_tokens),
+            [
+                {"clip_id": clip_id, "encoder_version": row.encoder_version,
+                 "data": _tokens_bytes(row.tokens)}
+                for row, clip_id in zip(rows, ids, strict=True)
+            ],
+        )  # fmt: skip
+        db.execute(
+            sa.insert(clip_posters),
+            [
+                {"clip_id": clip_id, "jpeg": row.poster_jpeg}
+                for row, clip_id in zip(rows, ids, strict=True)
+            ],
+        )
+        db.execute(sa.insert(changes), [{"clip_id": clip_id, "op": "add"} for clip_id in ids])
 
     def find_by_hash(self, content_hash: str) -> ClipRecord | None:
         rows = self._query(sa.select(*RECORD_COLUMNS).where(clips.c.content_hash == content_hash))
@@ -279,20 +358,36 @@ class ClipStore:
             raise ClipNotFound(f"no clip with id {', '.join(map(str, missing))}")
         return [by_id[clip_id] for clip_id in clip_ids]
 
-    def list(self, *, offset: int = 0, limit: int = 50, tag: str | None = None) -> ClipPage:
-        query = sa.select(*RECORD_COLUMNS)
-        count = sa.select(sa.func.count()).select_from(clips)
-        if tag is not None:
-            tagged = sa.select(clip_tags.c.clip_id).where(clip_tags.c.tag == tag)
-            query = query.where(clips.c.clip_id.in_(tagged))
-            count = sa.select(sa.func.count()).select_from(clip_tags).where(clip_tags.c.tag == tag)
-        rows = self._query(query.order_by(clips.c.clip_id.desc()).limit(limit).offset(offset))
-        return ClipPage(
-            items=self._records(rows), total=self._scalar(count), offset=offset, limit=limit
-        )
+    def list(
+        self, *, before: int | None = None, limit: int = 50, tag: str | None = None
+    ) -> ClipPage:
+        """Up to ``limit`` clips with ids below ``before``, newest first.
 
-    def count(self) -> int:
-        return self._scalar(sa.select(sa.func.count()).select_from(clips))
+        Keyset pagination: each page is one index range scan, as fast at the millionth clip as
+        at the first, and no page counts the table.
+        """
+        if tag is None:
+            ids = sa.select(clips.c.clip_id)
+            id_column = clips.c.clip_id
+        else:
+            # From the (tag, clip_id) index: a rare tag never scans the whole clips table.
+            ids = sa.select(clip_tags.c.clip_id).where(clip_tags.c.tag == tag)
+            id_column = clip_tags.c.clip_id
+        if before is not None:
+            ids = ids.where(id_column < before)
+        page_ids = [row[0] for row in self._query(ids.order_by(id_column.desc()).limit(limit + 1))]
+        more = len(page_ids) > limit
+        page_ids = page_ids[:limit]
+        by_id = self.find_many(page_ids)
+        items = [by_id[clip_id] for clip_id in page_ids if clip_id in by_id]
+        return ClipPage(items=items, next_cursor=page_ids[-1] if more else None, limit=limit)
+
+    def count(self, tag: str | None = None) -> int:
+        if tag is None:
+            return self._scalar(sa.select(sa.func.count()).select_from(clips))
+        return self._scalar(
+            sa.select(sa.func.count()).select_from(clip_tags).where(clip_tags.c.tag == tag)
+        )
 
     @manifest.reconnecting
     def delete(self, clip_id: int) -> ClipRecord:

@@ -25,7 +25,7 @@ import csv
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -132,8 +132,8 @@ class TrainingBank(Protocol):
         """Clip records (``caption``, ``clip_id``, ...) in the order of ``clip_ids``."""
         ...
 
-    def list(self, *, offset: int = 0, limit: int = 50, tag: str | None = None) -> Any:
-        """A page of clip records (``items``, ``total``), optionally of one tag."""
+    def iter_clips(self, tag: str | None = None) -> Iterable[Any]:
+        """Every clip record (``caption``, ``clip_id``, ...), optionally of one tag."""
         ...
 
 
@@ -171,7 +171,7 @@ class MemoryTrainingSet:
         if train_tag is None:
             target_ids = [int(i) for i in ids]
         else:
-            target_ids = sorted(int(r.clip_id) for r in _all_records(bank, train_tag))
+            target_ids = sorted(int(r.clip_id) for r in bank.iter_clips(train_tag))
             target_ids = [i for i in target_ids if i in position]
         if not target_ids:
             raise ValueError(f"no clip in the bank is tagged {train_tag!r}")
@@ -216,16 +216,6 @@ class MemoryTrainingSet:
             pick = torch.randperm(self.pool, generator=generator)[: self.k].sort().values
             chosen = chosen[pick.numpy()]
         return self.latents[row], self.latents[chosen], self.prompts[row]
-
-
-def _all_records(bank: TrainingBank, tag: str) -> list:
-    records, offset = [], 0
-    while True:
-        page = bank.list(offset=offset, limit=500, tag=tag)
-        records.extend(page.items)
-        offset += len(page.items)
-        if not page.items or offset >= page.total:
-            return records
 
 
 @torch.no_grad()

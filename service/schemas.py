@@ -86,9 +86,13 @@ class ClipView(ClipRecord):
 
 
 class ClipViewPage(BaseModel):
+    """A page of clips, newest first. Pass ``next_cursor`` as ``cursor`` for the next page."""
+
     items: list[ClipView]
-    total: int
-    offset: int
+    next_cursor: int | None = Field(None, description="absent on the last page")
+    total: int | None = Field(
+        None, description="clips in the bank (untagged listings only: it costs no count query)"
+    )
     limit: int
 
 

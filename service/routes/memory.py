@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
-from fastapi import APIRouter, File, Form, Query, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
@@ -18,7 +18,7 @@ from memory_bank.schemas import ClipRecord
 from model.errors import InvalidClip
 from model.preprocess import probe_clip
 from runtime.jobs import IngestSpec, JobRecord
-from service.deps import BankDep, CallerDep, ClipId, Offset, StateDep, WriterDep
+from service.deps import BankDep, CallerDep, ClipId, StateDep, WriterDep
 from service.errors import ApiError
 from service.schemas import (
     ClipView,
@@ -107,18 +107,32 @@ async def upload_clip(
     return JobAccepted(id=job.job_id, status=job.status, links=JobView.of(job).links)
 
 
-@router.get("", response_model=ClipViewPage)
+@router.get("", response_model=ClipViewPage, responses={422: {"model": ErrorBody}})
 def list_clips(
+    request: Request,
     caller: CallerDep,
     bank: BankDep,
-    offset: Offset = 0,
+    cursor: Annotated[
+        int | None, Query(ge=1, description="the ``next_cursor`` of the previous page")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     tag: Annotated[str | None, Query(max_length=64)] = None,
 ) -> ClipViewPage:
-    """Clips, newest first, optionally with one tag."""
-    page = bank.list(offset=offset, limit=limit, tag=tag)
+    """Clips, newest first, optionally with one tag, a page at a time (keyset pagination:
+    every page costs the same, however deep)."""
+    if "offset" in request.query_params:
+        raise ApiError(
+            422,
+            "validation_error",
+            "offset: not supported; page with cursor=<next_cursor of the previous page>",
+            [{"field": "offset"}],
+        )
+    page = bank.list(before=cursor, limit=limit, tag=tag)
     return ClipViewPage(
-        items=[_view(r) for r in page.items], total=page.total, offset=offset, limit=limit
+        items=[_view(r) for r in page.items],
+        next_cursor=page.next_cursor,
+        total=bank.index_size if tag is None else None,
+        limit=limit,
     )
 
 

@@ -371,8 +371,13 @@ async function cancelJob(jobId) {
 
 // ---------------------------------------------------------------- Memory
 
-let galleryOffset = 0;
+// Keyset pagination: the cursor each visited page started from (null: the newest clips).
+let galleryCursors = [null];
 let galleryQuery = "";
+
+function firstGalleryPage() {
+  galleryCursors = [null];
+}
 
 function clipCard(clip, score) {
   const tags = clip.tags && clip.tags.length
@@ -407,17 +412,21 @@ async function loadGallery() {
       $("page-next").disabled = true;
       return;
     }
-    const page = await api(`/memory?offset=${galleryOffset}&limit=${PAGE_SIZE}`);
-    if (page.items.length === 0 && galleryOffset > 0) {
-      galleryOffset = Math.max(0, galleryOffset - PAGE_SIZE);
+    const cursor = galleryCursors[galleryCursors.length - 1];
+    const query = cursor === null ? "" : `&cursor=${cursor}`;
+    const page = await api(`/memory?limit=${PAGE_SIZE}${query}`);
+    if (page.items.length === 0 && galleryCursors.length > 1) {
+      galleryCursors.pop();  // the last clips of this page were deleted
       return loadGallery();
     }
     gallery.replaceChildren(...page.items.map((clip) => clipCard(clip)));
+    const first = (galleryCursors.length - 1) * PAGE_SIZE;
     info.textContent = page.total
-      ? `Clips ${page.offset + 1}–${page.offset + page.items.length} of ${page.total}.`
+      ? `Clips ${first + 1}–${first + page.items.length} of ${page.total}.`
       : "The memory bank is empty: upload a clip above.";
-    $("page-prev").disabled = galleryOffset === 0;
-    $("page-next").disabled = galleryOffset + page.items.length >= page.total;
+    $("page-prev").disabled = galleryCursors.length === 1;
+    $("page-next").disabled = page.next_cursor === null || page.next_cursor === undefined;
+    $("page-next").dataset.cursor = page.next_cursor ?? "";
   } catch (error) {
     info.textContent = `Could not load the memory bank: ${error.message}`;
   }
@@ -507,7 +516,7 @@ async function submitUpload(event) {
     $("upload-file").value = "";
     galleryQuery = "";
     $("memory-search").value = "";
-    galleryOffset = 0;
+    firstGalleryPage();
     await loadGallery();
     updatePreview();
   } catch (error) {
@@ -575,11 +584,18 @@ function init() {
   $("search-form").addEventListener("submit", (event) => {
     event.preventDefault();
     galleryQuery = $("memory-search").value.trim();
-    galleryOffset = 0;
+    firstGalleryPage();
     loadGallery();
   });
-  $("page-prev").addEventListener("click", () => { galleryOffset = Math.max(0, galleryOffset - PAGE_SIZE); loadGallery(); });
-  $("page-next").addEventListener("click", () => { galleryOffset += PAGE_SIZE; loadGallery(); });
+  $("page-prev").addEventListener("click", () => {
+    if (galleryCursors.length > 1) galleryCursors.pop();
+    loadGallery();
+  });
+  $("page-next").addEventListener("click", () => {
+    const next = $("page-next").dataset.cursor;
+    if (next) galleryCursors.push(Number(next));
+    loadGallery();
+  });
 
   show(location.hash.slice(1) || "generate");
 }

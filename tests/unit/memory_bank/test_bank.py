@@ -122,12 +122,17 @@ def test_list_pages_newest_first_and_filters_by_tag(bank, ingestor, clips):
         ).record.clip_id
         for name in ("red_right", "blue_left", "green_right")
     ]
-    page = bank.list(offset=0, limit=2)
-    assert page.total == 3 and [r.clip_id for r in page.items] == ids[::-1][:2]
-    assert [r.clip_id for r in bank.list(offset=2, limit=2).items] == [ids[0]]
-    right = bank.list(tag="right")
-    assert right.total == 2 and {r.clip_id for r in right.items} == {ids[0], ids[2]}
-    assert bank.list(tag="none").total == 0
+    page = bank.list(limit=2)
+    assert [r.clip_id for r in page.items] == ids[::-1][:2] and page.next_cursor == ids[1]
+    last = bank.list(before=page.next_cursor, limit=2)
+    assert [r.clip_id for r in last.items] == [ids[0]] and last.next_cursor is None
+    assert bank.count() == bank.index_size == 3
+    right = bank.list(tag="right", limit=1)
+    assert [r.clip_id for r in right.items] == [ids[2]] and right.next_cursor == ids[2]
+    assert [r.clip_id for r in bank.list(tag="right", before=ids[2]).items] == [ids[0]]
+    assert [r.clip_id for r in bank.iter_clips("right", page_size=1)] == [ids[2], ids[0]]
+    assert bank.count("right") == 2 and bank.count("none") == 0
+    assert bank.list(tag="none").items == []
 
 
 def test_rebuild_equals_incremental(bank, ingestor, clips):
@@ -399,14 +404,14 @@ def test_add_clip_writes_every_file_before_the_row(tmp_path, embedder, bank_opti
     source.write_bytes(b"the uploaded bytes")
     with MemoryBank(tmp_path / "bank", embedder, options) as bank:
         files_at_insert: list[Path] = []
-        insert = bank.store.insert
+        insert = bank.store.insert_many
 
         def checked_insert(*args, **kwargs):
             files_at_insert.extend(bank_files(bank))
             assert len(bank) == 0
             return insert(*args, **kwargs)
 
-        monkeypatch.setattr(bank.store, "insert", checked_insert)
+        monkeypatch.setattr(bank.store, "insert_many", checked_insert)
         added = _add(bank, "a red square", source=source)
 
         assert added.created and len(bank) == 1 and bank.index_size == 1
@@ -437,7 +442,7 @@ def test_add_clip_passes_on_a_failed_insert_that_is_no_duplicate(bank, monkeypat
     def broken_insert(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(bank.store, "insert", broken_insert)
+    monkeypatch.setattr(bank.store, "insert_many", broken_insert)
     with pytest.raises(OSError, match="disk full"):
         _add(bank, "a red square")
     assert len(bank) == 0 and bank.index_size == 0

@@ -69,3 +69,26 @@ def test_captions_file_without_the_needed_columns_is_an_error(tmp_path):
     broken.write_text('{"video": "a.mp4", "caption": "x"}\n{oops\n')
     with pytest.raises(ValueError, match="line 2"):
         list(read_caption_rows(broken))
+
+
+def test_a_batch_keeps_its_good_clips_when_one_is_refused(bank, ingestor, dataset, monkeypatch):
+    from memory_bank.errors import ClipRejected
+    from memory_bank.ingest import IngestItem
+
+    transactions = []
+    insert_many = bank.store.insert_many
+    monkeypatch.setattr(
+        bank.store, "insert_many", lambda rows: transactions.append(len(rows)) or insert_many(rows)
+    )
+    outcomes = ingestor.ingest_many([
+        IngestItem(dataset / "a.mp4", "a red square", ("red",)),
+        IngestItem(dataset / "bad.mp4", "broken"),
+        IngestItem(dataset / "sub" / "b.mp4", "a blue square", (), "b-upload.mp4"),
+        IngestItem(dataset / "a.mp4", "the red one again"),
+    ])  # fmt: skip
+    assert transactions == [3]  # the three decodable files, in one manifest transaction
+    red, bad, blue, again = outcomes
+    assert isinstance(bad, ClipRejected) and "bad.mp4" in str(bad)
+    assert red.created and blue.created and not again.created
+    assert again.record == red.record and blue.record.source_name == "b-upload.mp4"
+    assert bank.search("a blue square", k=1)[0].clip_id == blue.record.clip_id

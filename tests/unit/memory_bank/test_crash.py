@@ -30,7 +30,7 @@ from model.tiny import build_tiny_components
 root, clip, point = sys.argv[1:4]
 die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 if point == "after-files":  # every file written, manifest row not yet
-    ClipStore.insert = die
+    ClipStore.insert_many = die
 elif point == "mid-file":  # inside the atomic write of the first file (the latent)
     def write_then_die(self, key, data):
         partial = self.root / ".partial" / "half.safetensors"

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save
 
 from memory_bank.bank import MemoryBank
-from memory_bank.errors import ClipNotFound, DuplicateClip
-from memory_bank.store import ClipStore, NewClip
+from memory_bank.errors import BankCorrupt, ClipNotFound, DuplicateClip
+from memory_bank.store import ClipRow, ClipStore, NewClip
 from model.tokens import ClipTokens
 from tests.postgres import temporary_database, terminate_connections
 
@@ -82,7 +82,8 @@ def test_records_tags_and_the_change_log(store: ClipStore):
     assert store.find_by_hash(second.content_hash) == second
     assert [r.clip_id for r in store.list(tag="red").items] == [first.clip_id]
     page = store.list(limit=1)
-    assert page.total == 2 and [r.clip_id for r in page.items] == [second.clip_id]
+    assert [r.clip_id for r in page.items] == [second.clip_id] and store.count() == 2
+    assert [r.clip_id for r in store.list(before=page.next_cursor).items] == [first.clip_id]
     assert store.get_many([second.clip_id, first.clip_id]) == [second, first]
     with pytest.raises(ClipNotFound, match="424242"):
         store.get_many([first.clip_id, 424242])
@@ -101,7 +102,7 @@ def test_records_tags_and_the_change_log(store: ClipStore):
     store.delete(first.clip_id)
     assert store.find_by_id(first.clip_id) is None
     assert store.tokens_of([first.clip_id], "v1") == {} and store.poster_jpeg(first.clip_id) is None
-    assert store.list(tag="red").total == 0  # its tags went with it
+    assert store.count("red") == 0  # its tags went with it
     log = [(c.clip_id, c.op) for c in store.changes_since(0)]
     assert log == [(first.clip_id, "add"), (second.clip_id, "add"), (first.clip_id, "delete")]
     assert store.last_change() == store.changes_since(0)[-1].seq
@@ -114,6 +115,35 @@ def test_the_same_content_twice_is_a_duplicate(store: ClipStore):
     with pytest.raises(DuplicateClip):
         add(store, 1)
     assert store.count() == 1 and len(store.changes_since(0)) == 1
+
+
+def row(index: int, tags: tuple[str, ...] = ()) -> ClipRow:
+    return ClipRow(new_clip(index, tags), tokens(index), "v1", b"jpeg %d" % index, True, None)
+
+
+def test_a_batch_of_clips_is_one_transaction_and_skips_what_is_stored(store: ClipStore):
+    stored = add(store, 1)
+    batch = [row(2, ("blue",)), row(1), row(3), row(2)]  # 1 is stored, 2 comes twice
+    outcome = store.insert_many(batch)
+    assert [created for _, created in outcome] == [True, False, True, False]
+    assert outcome[1][0] == stored and outcome[3][0] == outcome[0][0]
+    assert outcome[0][0].tags == ["blue"] and outcome[2][0].clip_id > outcome[0][0].clip_id
+    assert store.count() == 3 and store.poster_jpeg(outcome[2][0].clip_id) == b"jpeg 3"
+    assert set(store.tokens_of([outcome[0][0].clip_id], "v1")) == {outcome[0][0].clip_id}
+    log = [(c.clip_id, c.op) for c in store.changes_since(0)]
+    assert log == [(stored.clip_id, "add"), (outcome[0][0].clip_id, "add"),
+                   (outcome[2][0].clip_id, "add")]  # fmt: skip
+    assert store.insert_many([]) == [] and store.insert_many([row(3)])[0][1] is False
+
+
+def test_a_batch_that_fails_stores_none_of_its_clips(store: ClipStore, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise sa.exc.IntegrityError("INSERT", {}, Exception("constraint"))
+
+    monkeypatch.setattr(ClipStore, "_insert_payloads", staticmethod(refuse))
+    with pytest.raises(BankCorrupt, match="refused"):
+        store.insert_many([row(1), row(2)])
+    assert store.count() == 0 and store.changes_since(0) == []
 
 
 def test_stale_clips_and_encoder_versions(store: ClipStore):

@@ -77,6 +77,12 @@ def test_upload_appears_in_listing_search_and_has_a_poster(client, clip_id):
     poster = client.get(detail["poster_url"])
     assert poster.status_code == 200 and poster.headers["content-type"] == "image/jpeg"
     assert poster.content[:2] == b"\xff\xd8"
+    assert listed["total"] == 1 and listed["next_cursor"] is None
+    older = client.get("/memory", params={"cursor": clip_id}).json()
+    assert older["items"] == [] and older["next_cursor"] is None
+    assert client.get("/memory", params={"tag": "red"}).json()["total"] is None  # never counted
+    offset = client.get("/memory", params={"offset": 10})
+    assert offset.status_code == 422 and "cursor" in offset.json()["error"]["message"]
 
 
 def test_generate_with_retrieved_memory_and_download_the_video(client, clip_id, tmp_path):

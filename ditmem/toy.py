@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from memory_bank.bank import MemoryBank
-from memory_bank.embed import SentenceTransformerEmbedder
+from memory_bank.embed import TextEmbedder, open_text_embedder
 from memory_bank.ingest import ClipIngestor
 from model.pipeline import MemoryWanPipeline
 from model.presets import TOY
@@ -95,11 +95,11 @@ def seed_toy_bank(
 def toy_bank(
     pipe: MemoryWanPipeline,
     root: Path | None = None,
-    embedder: SentenceTransformerEmbedder | None = None,
+    embedder: TextEmbedder | None = None,
 ) -> Iterator[tuple[MemoryBank, ClipIngestor]]:
     """A bank for the toy preset, in ``root`` or a temporary directory removed afterwards."""
     scratch = None if root is not None else tempfile.mkdtemp(prefix="ditmem-toy-bank-")
-    bank = MemoryBank(Path(root or scratch), embedder or SentenceTransformerEmbedder())
+    bank = MemoryBank(Path(root or scratch), embedder or open_text_embedder())
     try:
         yield bank, ClipIngestor(bank, pipe, TOY)
     finally:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 class TextEmbedder(Protocol):
@@ -15,6 +19,41 @@ class TextEmbedder(Protocol):
     dim: int
 
     def embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+DEFAULT_NAME = "all-MiniLM-L6-v2"
+
+
+def default_cache_dir() -> Path:
+    """Where exported ONNX graphs are kept: ``$XDG_CACHE_HOME/ditmem/onnx`` (~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ditmem" / "onnx"
+
+
+def open_text_embedder(
+    model_path: str | Path | None = None,
+    backend: Literal["onnx", "torch"] = "onnx",
+    cache_dir: Path | None = None,
+) -> TextEmbedder:
+    """The caption embedder of a local sentence-transformers folder (default all-MiniLM-L6-v2).
+
+    ``onnx`` (the default) runs it with ONNX Runtime, the same vectors several times faster on
+    a CPU (``memory_bank.embed_onnx``); a folder that backend cannot reproduce falls back to
+    ``torch`` with a warning. Both backends give a bank's vectors the same name, so a bank
+    embedded by one is searched by the other.
+    """
+    path = Path(model_path) if model_path else default_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"embedding model folder {path} does not exist")
+    name = path.name if model_path else DEFAULT_NAME
+    if backend == "onnx":
+        from memory_bank.embed_onnx import OnnxSentenceEmbedder, UnsupportedForOnnx
+
+        try:
+            return OnnxSentenceEmbedder(path, name, cache_dir or default_cache_dir())
+        except UnsupportedForOnnx as error:
+            logger.warning("%s; embedding with PyTorch instead", error)
+    return SentenceTransformerEmbedder(model_path)
 
 
 def default_model_path() -> Path:
@@ -41,7 +80,7 @@ class SentenceTransformerEmbedder:
         self._model = SentenceTransformer(
             str(path), device=device, local_files_only=True, trust_remote_code=False
         )
-        self.name = path.name if model_path else "all-MiniLM-L6-v2"
+        self.name = path.name if model_path else DEFAULT_NAME
         self.dim = int(self._model.get_embedding_dimension())
 
     def embed(self, texts: list[str]) -> np.ndarray:

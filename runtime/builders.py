@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memory_bank.bank import BankOptions, MemoryBank
-from memory_bank.embed import SentenceTransformerEmbedder
+from memory_bank.embed import open_text_embedder
 from memory_bank.index import IndexConfig
 from memory_bank.ingest import ClipIngestor, IngestLimits
 from memory_bank.storage import LocalStorage, ObjectStorage, child, open_storage
@@ -68,7 +68,9 @@ def open_storages(settings: Settings) -> Storages:
 
 
 def open_bank(settings: Settings, storages: Storages | None = None) -> MemoryBank:
-    embedder = SentenceTransformerEmbedder(settings.embedder_path)
+    embedder = open_text_embedder(
+        settings.embedder_path, settings.embedder_backend, settings.embedder_cache_dir
+    )
     visual = None
     if settings.visual_checkpoint is not None:
         from memory_bank.visual import ClipVisualEmbedder

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     embedder_path: Path | None = Field(
         None, description="sentence-transformers folder for captions (default all-MiniLM-L6-v2)"
     )
+    embedder_backend: Literal["onnx", "torch"] = Field(
+        "onnx", description="run the caption embedder with ONNX Runtime (same vectors, faster)"
+    )
+    embedder_cache_dir: Path | None = Field(
+        None, description="where ONNX exports of the embedder are kept (~/.cache/ditmem/onnx)"
+    )
     visual_model: str = Field("ViT-B-32", description="open_clip architecture of the visual index")
     visual_checkpoint: Path | None = Field(
         None, description="local open_clip weights; set to turn the visual index on"

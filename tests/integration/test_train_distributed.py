@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from memory_bank.bank import MemoryBank
-from memory_bank.embed import SentenceTransformerEmbedder
+from memory_bank.embed import open_text_embedder
 from memory_bank.ingest import ClipIngestor
 from model.encoder import MemoryEncoder
 from model.loading import load_encoder_state, load_memory_encoder
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 def make_bank(root: Path) -> Path:
     from model.pipeline import MemoryWanPipeline
 
-    bank = MemoryBank(root / "bank", SentenceTransformerEmbedder())
+    bank = MemoryBank(root / "bank", open_text_embedder())
     ingestor = ClipIngestor(bank, MemoryWanPipeline(**build_tiny_components(0)), TINY)
     for colour, direction in (("red", 1), ("blue", -1), ("green", 1), ("yellow", -1)):
         path = write_clip(root / f"{colour}.mp4", moving_square(colour, direction))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from memory_bank.bank import BankOptions, MemoryBank
-from memory_bank.embed import SentenceTransformerEmbedder
+from memory_bank.embed import TextEmbedder, open_text_embedder
 from memory_bank.index import IndexConfig
 from memory_bank.ingest import ClipIngestor, IngestLimits
 from model.pipeline import MemoryWanPipeline
@@ -17,8 +17,8 @@ from tests.media import moving_square, write_clip
 
 
 @pytest.fixture(scope="session")
-def embedder() -> SentenceTransformerEmbedder:
-    return SentenceTransformerEmbedder()
+def embedder() -> TextEmbedder:
+    return open_text_embedder()
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = """
 import os, signal, sys
 from memory_bank.bank import BankOptions, MemoryBank
-from memory_bank.embed import SentenceTransformerEmbedder
+from memory_bank.embed import open_text_embedder
 from memory_bank.ingest import ClipIngestor
 from memory_bank.storage import LocalStorage
 from memory_bank.store import ClipStore
@@ -38,7 +38,7 @@ elif point == "mid-file":  # inside the atomic write of the first file (the late
         partial.write_bytes(data[: len(data) // 2])
         die()
     LocalStorage.put_bytes = write_then_die
-bank = MemoryBank(root, SentenceTransformerEmbedder(), BankOptions())
+bank = MemoryBank(root, open_text_embedder(), BankOptions())
 ClipIngestor(bank, MemoryWanPipeline(**build_tiny_components(0)), TINY).ingest(clip, "a red square")
 """
 

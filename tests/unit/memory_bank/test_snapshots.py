@@ -87,8 +87,9 @@ def test_one_writer_per_bank(tmp_path, embedder, writes):
             _add(first if n % 2 else second, f"clip {n}")
             first.refresh()
             second.refresh()
-        wait_for(lambda: len(writes) >= 3)
-        assert len({store for _, store, _ in writes}) == 1, writes
+            time.sleep(0.1)  # both writers' rounds come by: each would snapshot if it could
+        wait_for(lambda: any(applied >= 6 for _, _, applied in writes))
+        assert len(writes) >= 3 and len({store for _, store, _ in writes}) == 1, writes
     finally:
         first.close()
         second.close()

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from memory_bank.bank import BankOptions, MemoryBank
-from memory_bank.embed import SentenceTransformerEmbedder
+from memory_bank.embed import open_text_embedder
 from memory_bank.index import IndexConfig
 from memory_bank.ingest import ClipIngestor, IngestLimits
 from model import training
@@ -74,7 +74,7 @@ def tiny_pipe() -> MemoryWanPipeline:
 def bank(tmp_path_factory: pytest.TempPathFactory) -> MemoryBank:
     root = tmp_path_factory.mktemp("train_bank")
     opened = MemoryBank(
-        root / "bank", SentenceTransformerEmbedder(), BankOptions(index=IndexConfig(exact_max=100))
+        root / "bank", open_text_embedder(), BankOptions(index=IndexConfig(exact_max=100))
     )
     ingestor = ClipIngestor(opened, tiny_pipe(), TINY, IngestLimits(max_bytes=5 * 2**20))
     for colour, direction, train in CLIPS:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from memory_bank.bank import BankOptions, MemoryBank
-from memory_bank.embed import SentenceTransformerEmbedder
+from memory_bank.embed import open_text_embedder
 from memory_bank.errors import ClipNotFound
 from memory_bank.ingest import ClipIngestor
 from memory_bank.storage import LocalStorage
@@ -31,7 +31,7 @@ def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("runner")
     pipe = MemoryWanPipeline(**build_tiny_components(0))
     pipe.set_progress_bar_config(disable=True)
-    bank = MemoryBank(root / "bank", SentenceTransformerEmbedder(), BankOptions())
+    bank = MemoryBank(root / "bank", open_text_embedder(), BankOptions())
     yield root, pipe, bank
     bank.close()
 

@@ -93,20 +93,24 @@ from bench.bank_scale import synthetic_rows
 from memory_bank.bank import ClipToAdd, MemoryBank
 from memory_bank.embed import open_text_embedder
 root, url, count, first = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), int(sys.argv[4])
+encoder_version = sys.argv[5]
 bank = MemoryBank(root, open_text_embedder(), database_url=url)
 rng = np.random.default_rng(7)
 print("ready", flush=True)
 sys.stdin.readline()
 started = time.perf_counter()
-for row in synthetic_rows(first, count, rng):
+for row in synthetic_rows(first, count, rng, encoder_version):
     bank.add_clips([ClipToAdd(row.clip, row.tokens, row.encoder_version, row.poster_jpeg)])
 print(f"added {count} in {time.perf_counter() - started:.2f} s", flush=True)
 bank.close()
 """
 
 
-def synthetic_rows(first: int, count: int, rng: np.random.Generator) -> list[ClipRow]:
-    """``count`` synthetic clips numbered from ``first`` (their content hashes differ)."""
+def synthetic_rows(
+    first: int, count: int, rng: np.random.Generator, encoder_version: str
+) -> list[ClipRow]:
+    """``count`` synthetic clips numbered from ``first`` (their content hashes differ), with
+    tokens labelled as the toy encoder's, so the server's worker finds none stale."""
     centers = _centers()
     vectors = clustered_unit_vectors(count, centers, 0.8, rng)
     rows = []
@@ -126,7 +130,7 @@ def synthetic_rows(first: int, count: int, rng: np.random.Generator) -> list[Cli
             embedder=EMBEDDER,
             text_embedding=vector,
         )  # fmt: skip
-        rows.append(ClipRow(clip, tokens, "bench", rng.bytes(3072), False, None))
+        rows.append(ClipRow(clip, tokens, encoder_version, rng.bytes(3072), False, None))
     return rows
 
 
@@ -163,14 +167,22 @@ def postgres_database():
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def fill(root: Path, url: str | None, size: int) -> dict:
+def toy_encoder_version() -> str:
+    from runtime.builders import load_pipeline_from
+    from runtime.settings import Settings
+
+    pipe = load_pipeline_from(Settings(_env_file=None, preset="toy", device="cpu"))
+    return pipe.memory_encoder.fingerprint()
+
+
+def fill(root: Path, url: str | None, size: int, encoder_version: str) -> dict:
     store = ClipStore(root, url)
     rng = np.random.default_rng(0)
     tenth = max(BATCH, size // 10)
     rates: list[tuple[int, float]] = []
     started = time.perf_counter()
     for first in range(0, size, BATCH):
-        rows = synthetic_rows(first, min(BATCH, size - first), rng)
+        rows = synthetic_rows(first, min(BATCH, size - first), rng, encoder_version)
         began = time.perf_counter()
         store.insert_many(rows)
         rates.append((first, len(rows) / (time.perf_counter() - began)))
@@ -255,7 +267,7 @@ def _wait_ready(client: httpx.Client, server: subprocess.Popen, timeout: float =
     raise RuntimeError("server not ready")
 
 
-def _http(root: Path, url: str | None, size: int, prompts: list[str]) -> dict:
+def _http(root: Path, url: str | None, size: int, prompts: list[str], encoder_version: str) -> dict:
     environment = _environment(root, url)
     server = subprocess.Popen(
         [sys.executable, "-c", SERVER, str(PORT)],
@@ -270,7 +282,8 @@ def _http(root: Path, url: str | None, size: int, prompts: list[str]) -> dict:
             results["search_cached"] = percentiles(_http_searches(client, prompts[10:]))
 
             adder = subprocess.Popen(
-                [sys.executable, "-c", ADDER, str(root), url or "", "1000", str(size)],
+                [sys.executable, "-c", ADDER, str(root), url or "", "1000", str(size),
+                 encoder_version],
                 env=environment, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, text=True,
             )  # fmt: skip
@@ -314,12 +327,12 @@ def _http(root: Path, url: str | None, size: int, prompts: list[str]) -> dict:
     return results
 
 
-def run(backend: str, size: int, scratch: Path, prompts: list[str]) -> dict:
+def run(backend: str, size: int, scratch: Path, prompts: list[str], encoder: str) -> dict:
     root = scratch / f"{backend}-{size}" / "bank"
     root.mkdir(parents=True)
     with postgres_database() if backend == "postgresql" else _no_database() as url:
         print(f"[{backend} {size}] filling", flush=True)
-        result: dict = {"backend": backend, "clips": size, "insert": fill(root, url, size)}
+        result: dict = {"backend": backend, "clips": size, "insert": fill(root, url, size, encoder)}
         environment = _environment(root, url)
         print(f"[{backend} {size}] first open without a snapshot", flush=True)
         result["open_without_snapshot"] = _python(COLD_START, str(root), url or "", env=environment)
@@ -330,7 +343,7 @@ def run(backend: str, size: int, scratch: Path, prompts: list[str]) -> dict:
         print(f"[{backend} {size}] bank.search", flush=True)
         result["bank_search"] = _bank_search(root, url, prompts)
         print(f"[{backend} {size}] HTTP", flush=True)
-        result["http"] = _http(root, url, size, prompts)
+        result["http"] = _http(root, url, size, prompts, encoder)
     print(json.dumps(result, indent=2), flush=True)
     return result
 
@@ -353,10 +366,11 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(args.prompts)
     ]
     runs = []
+    encoder = toy_encoder_version()
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         for size in args.sizes:
             for backend in args.backends:
-                runs.append(run(backend, size, Path(scratch), prompts))
+                runs.append(run(backend, size, Path(scratch), prompts, encoder))
     report = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",

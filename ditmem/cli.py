@@ -314,8 +314,11 @@ def index_rebuild(bank: BankOption = None) -> None:
     """Rebuild every index of the bank from its manifest."""
     from runtime.builders import open_bank
 
-    with user_errors(), open_bank(_settings(bank_dir=bank)) as opened:
-        size = opened.rebuild_index()
+    # Built once on open, never loaded from a snapshot first; saved here, whoever else writes
+    # the bank's snapshots.
+    with user_errors(), open_bank(_settings(bank_dir=bank), rebuild_index=True) as opened:
+        opened.save_index()
+        size = opened.index_size
     typer.echo(f"caption index rebuilt: {size} clips")
 
 

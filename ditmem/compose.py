@@ -65,6 +65,7 @@ def build_runner(
         ingestor,
         results=storages.results,
         uploads=storages.uploads,
+        imports=storages.imports,
         # Private to this process: videos are written here, then stored.
         scratch_dir=settings.results_dir / ".work",
         lease_s=settings.job_lease_s,
@@ -94,10 +95,11 @@ def build_api_state(settings: Settings) -> AppState:
     memory_store, metrics = MemoryJobStore(), LocalMetrics()
     runner = build_runner(settings, memory_store, metrics, bank, storages, "embedded")
     worker = EmbeddedWorker(runner)
+    runner.dispatcher = dispatcher = EmbeddedDispatcher(worker)
     return AppState(
         settings=settings,
         store=memory_store,
-        dispatcher=EmbeddedDispatcher(worker),
+        dispatcher=dispatcher,
         bank=bank,
         storages=storages,
         mode="embedded",

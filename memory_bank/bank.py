@@ -122,6 +122,8 @@ class MemoryBank:
             ``postgresql://`` URL that every host of a fleet can share.
         files: Where latents and sources live: ``None`` for ``root`` itself, or a bucket
             (``memory_bank.storage``). The FAISS index files stay in ``root``.
+        rebuild_index: Build the indexes from the manifest instead of loading a snapshot
+            (``ditmem index rebuild``: one build, not a load or build and then another).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class MemoryBank:
         visual: VisualEmbedder | None = None,
         database_url: str | None = None,
         files: ObjectStorage | None = None,
+        rebuild_index: bool = False,
     ) -> None:
         self.root = Path(root)
         self.embedder = embedder
@@ -146,10 +149,12 @@ class MemoryBank:
         # typed in the UI, batch runs), so their vectors are kept.
         self._query_vectors = _LruCache(self.options.query_cache_size)
         self._text = SyncedIndex(
-            self.store, "text", embedder.name, embedder.dim, self.options.index
+            self.store, "text", embedder.name, embedder.dim, self.options.index, rebuild_index
         )
         self._visual = (
-            SyncedIndex(self.store, "visual", visual.name, visual.dim, self.options.index)
+            SyncedIndex(
+                self.store, "visual", visual.name, visual.dim, self.options.index, rebuild_index
+            )
             if visual is not None
             else None
         )
@@ -355,6 +360,10 @@ class MemoryBank:
     def find_by_hash(self, content_hash: str) -> ClipRecord | None:
         """The clip whose uploaded file has this SHA-256 hex digest, if the bank holds it."""
         return self.store.find_by_hash(content_hash)
+
+    def known_hashes(self, content_hashes: Sequence[str]) -> set[str]:
+        """Which of these SHA-256 hex digests belong to clips in the bank (one query)."""
+        return self.store.known_hashes(content_hashes)
 
     def caption_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids int64 (n,), vectors float32 (n, dim))`` of every clip, by ascending id.

@@ -330,6 +330,15 @@ class ClipStore:
         rows = self._query(sa.select(*RECORD_COLUMNS).where(clips.c.content_hash == content_hash))
         return self._records(rows)[0] if rows else None
 
+    def known_hashes(self, content_hashes: Sequence[str]) -> set[str]:
+        """Which of these content hashes the manifest holds, in one query."""
+        if not content_hashes:
+            return set()
+        rows = self._query(
+            sa.select(clips.c.content_hash).where(clips.c.content_hash.in_(set(content_hashes)))
+        )
+        return {row[0] for row in rows}
+
     def find_by_id(self, clip_id: int) -> ClipRecord | None:
         if not 0 < clip_id <= MAX_ID:
             return None

@@ -35,17 +35,28 @@ class SyncedIndex:
         model_name: The embedding model; a saved index of another model is rebuilt.
         dim: Vector width.
         config: FAISS index options.
+        rebuild: Build from the manifest even when a snapshot exists.
     """
 
     def __init__(
-        self, store: ClipStore, kind: str, model_name: str, dim: int, config: IndexConfig
+        self,
+        store: ClipStore,
+        kind: str,
+        model_name: str,
+        dim: int,
+        config: IndexConfig,
+        rebuild: bool = False,
     ) -> None:
         self.store = store
         self.kind = kind
         self.model_name = model_name
         self.dim = dim
         self.config = config
-        self.index, self.applied, from_snapshot = self._load_saved()
+        if rebuild:
+            self.index, self.applied = self.build()
+            from_snapshot = False
+        else:
+            self.index, self.applied, from_snapshot = self._load_saved()
         # The log position of the newest stored snapshot; -1: none, the index was built here.
         self.saved = self.applied if from_snapshot else -1
 

@@ -46,28 +46,36 @@ def bank_options(settings: Settings) -> BankOptions:
 @dataclass(frozen=True)
 class Storages:
     """Where the files that cross processes live: the bank's latents and sources, uploads
-    waiting for ingest, and the videos and records of jobs."""
+    waiting for ingest, the videos and records of jobs, and datasets to import (placed there
+    by the operator, only read)."""
 
     bank: ObjectStorage
     uploads: ObjectStorage
     results: ObjectStorage
+    imports: ObjectStorage
 
 
 def open_storages(settings: Settings) -> Storages:
-    """The three local folders, or one bucket with ``bank/``, ``uploads/`` and ``results/``."""
+    """The four local folders, or one bucket with ``bank/``, ``uploads/``, ``results/`` and
+    ``imports/``."""
     if settings.storage_url is None:
         return Storages(
             LocalStorage(settings.bank_dir),
             LocalStorage(settings.uploads_dir),
             LocalStorage(settings.results_dir),
+            LocalStorage(settings.imports_dir),
         )
     root = open_storage(
         settings.storage_url, settings.bank_dir, endpoint_url=settings.s3_endpoint_url
     )
-    return Storages(child(root, "bank"), child(root, "uploads"), child(root, "results"))
+    return Storages(
+        child(root, "bank"), child(root, "uploads"), child(root, "results"), child(root, "imports")
+    )
 
 
-def open_bank(settings: Settings, storages: Storages | None = None) -> MemoryBank:
+def open_bank(
+    settings: Settings, storages: Storages | None = None, *, rebuild_index: bool = False
+) -> MemoryBank:
     embedder = open_text_embedder(
         settings.embedder_path, settings.embedder_backend, settings.embedder_cache_dir
     )
@@ -83,6 +91,7 @@ def open_bank(settings: Settings, storages: Storages | None = None) -> MemoryBan
         visual=visual,
         database_url=settings.database_url,
         files=(storages or open_storages(settings)).bank,
+        rebuild_index=rebuild_index,
     )
 
 

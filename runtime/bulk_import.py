@@ -74,12 +74,9 @@ def fan_out_import(
                     return
                 time.sleep(wait)
             last_poll = time.monotonic()
-            ids = list(pending)
             finished = 0
-            for job_id, job in zip(ids, store.get_many(ids), strict=True):
-                if job is None or not job.finished:
-                    continue
-                row = pending.pop(job_id)
+            for job in store.finished_among(list(pending)):
+                row = pending.pop(job.job_id)
                 finished += 1
                 if job.status == "succeeded" and isinstance(job.result, IngestResult):
                     if job.result.created:
@@ -96,36 +93,41 @@ def fan_out_import(
             if finished or not block:
                 return
 
-    for row in rows:
-        try:
-            path = row_path(folder, row)
-            if not path.is_file():  # workers on other hosts could not tell why
-                raise ClipRejected(f"{row.video}: no such file")
-        except ClipRejected as error:
-            summary.rejected.append((row, str(error)))
-            bar.update()
-            continue
-        content_hash = file_sha256(path)
-        if content_hash in sent_hashes or bank.find_by_hash(content_hash) is not None:
-            summary.already_present += 1
-            bar.update()
-            continue
-        while len(pending) >= max_in_flight:
-            collect(block=True)
-        sent_hashes.add(content_hash)
-        # Named by content: a re-run of an interrupted import overwrites, never duplicates.
-        key = f"import-{content_hash}{path.suffix.lower()[:8] or '.bin'}"
-        uploads.put_file(key, path)
-        spec = IngestSpec(
-            upload_key=key,
-            caption=row.caption,
-            tags=tuple(row.tags) + tuple(extra_tags),
-            source_name=row.video,
-        )
-        job = store.create(JobRecord.new(owner, spec))
-        dispatcher.submit(job)
-        pending[job.job_id] = row
-        collect(block=False)
+    for first in range(0, len(rows), max_in_flight):
+        # A batch at a time: its files hashed, then one manifest query for those already in.
+        batch: list[tuple[CaptionRow, Path, str]] = []
+        for row in rows[first : first + max_in_flight]:
+            try:
+                path = row_path(folder, row)
+                if not path.is_file():  # workers on other hosts could not tell why
+                    raise ClipRejected(f"{row.video}: no such file")
+            except ClipRejected as error:
+                summary.rejected.append((row, str(error)))
+                bar.update()
+                continue
+            batch.append((row, path, file_sha256(path)))
+        known = bank.known_hashes([content_hash for _, _, content_hash in batch])
+        for row, path, content_hash in batch:
+            if content_hash in sent_hashes or content_hash in known:
+                summary.already_present += 1
+                bar.update()
+                continue
+            while len(pending) >= max_in_flight:
+                collect(block=True)
+            sent_hashes.add(content_hash)
+            # Named by content: a re-run of an interrupted import overwrites, never duplicates.
+            key = f"import-{content_hash}{path.suffix.lower()[:8] or '.bin'}"
+            uploads.put_file(key, path)
+            spec = IngestSpec(
+                upload_key=key,
+                caption=row.caption,
+                tags=tuple(row.tags) + tuple(extra_tags),
+                source_name=row.video,
+            )
+            job = store.create(JobRecord.new(owner, spec))
+            dispatcher.submit(job)
+            pending[job.job_id] = row
+            collect(block=False)
     while pending:
         collect(block=True)
     bar.close()

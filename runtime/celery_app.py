@@ -11,8 +11,9 @@ from runtime.settings import Settings
 
 GENERATE_TASK = "ditmem.generate"
 INGEST_TASK = "ditmem.ingest"
-TASKS = {"generate": GENERATE_TASK, "ingest": INGEST_TASK}  # by job kind
-QUEUES = {GENERATE_TASK: "generate", INGEST_TASK: "ingest"}
+IMPORT_TASK = "ditmem.import"  # sends an import's next rows: short, beside the ingests
+TASKS = {"generate": GENERATE_TASK, "ingest": INGEST_TASK, "import": IMPORT_TASK}  # by kind
+QUEUES = {GENERATE_TASK: "generate", INGEST_TASK: "ingest", IMPORT_TASK: "ingest"}
 
 
 def make_celery(settings: Settings) -> Celery:

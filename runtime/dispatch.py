@@ -30,7 +30,7 @@ class CeleryDispatcher:
 
     def depth(self) -> dict[str, int]:
         # Kombu keeps each Redis queue as a list named after it.
-        return {queue: int(self.redis.llen(queue)) for queue in QUEUES.values()}
+        return {queue: int(self.redis.llen(queue)) for queue in sorted(set(QUEUES.values()))}
 
 
 class JobQueue(Protocol):

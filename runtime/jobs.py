@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model.generation import GenerationParams
 
-JobKind = Literal["generate", "ingest"]
+JobKind = Literal["generate", "ingest", "import"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 FinalStatus = Literal["succeeded", "failed", "canceled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
@@ -81,10 +81,27 @@ class IngestSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["ingest"] = "ingest"
-    upload_key: str  # in the uploads storage, which every worker reaches
+    upload_key: str  # in ``storage``, which every worker reaches
     caption: str
     tags: tuple[str, ...] = ()
     source_name: str | None = None
+    # "uploads": a file received for this job, removed once ingested; "imports": a file of a
+    # dataset the operator placed in the imports storage, only read.
+    storage: Literal["uploads", "imports"] = "uploads"
+    parent: str | None = None  # the import job this row belongs to
+    line: int | None = None  # its line in that import's captions file
+
+
+class ImportSpec(BaseModel):
+    """A dataset already in the imports storage: a captions file naming videos in a folder."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["import"] = "import"
+    folder: str  # key prefix of the videos; rows name them relative to it
+    captions: str  # key of the CSV or JSONL file
+    tags: tuple[str, ...] = ()
+    window: int = Field(64, ge=1, description="rows ingesting at a time")
 
 
 class GenerateResult(BaseModel):
@@ -105,8 +122,41 @@ class IngestResult(BaseModel):
     created: bool
 
 
-JobSpec = Annotated[GenerateSpec | IngestSpec, Field(discriminator="kind")]
-JobResult = Annotated[GenerateResult | IngestResult, Field(discriminator="kind")]
+class RejectedRow(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    line: int
+    video: str
+    reason: str
+
+
+MAX_REJECTIONS_KEPT = 200
+
+
+class ImportResult(BaseModel):
+    """Where an import stands; final once the job has succeeded.
+
+    Rows ``[0, sent)`` have been handed to workers (or rejected before); ``pending`` of them
+    are still ingesting. Every finished row lands in exactly one of the three counts.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["import"] = "import"
+    rows: int = 0
+    sent: int = 0
+    reserved: int = 0  # rows [sent, reserved) are being sent by the running attempt
+    pending: int = 0
+    imported: int = 0
+    already_present: int = 0
+    rejected: int = 0
+    rejections: tuple[RejectedRow, ...] = ()  # the first MAX_REJECTIONS_KEPT
+    workers: dict[str, int] = Field(default_factory=dict)  # clips imported by each worker
+    parked: bool = False  # waiting for rows to finish before sending more
+
+
+JobSpec = Annotated[GenerateSpec | IngestSpec | ImportSpec, Field(discriminator="kind")]
+JobResult = Annotated[GenerateResult | IngestResult | ImportResult, Field(discriminator="kind")]
 
 
 class JobRecord(BaseModel):
@@ -133,7 +183,9 @@ class JobRecord(BaseModel):
     attempts: int = Field(0, ge=0)
 
     @classmethod
-    def new(cls, owner: str, spec: GenerateSpec | IngestSpec, **fields: Any) -> JobRecord:
+    def new(
+        cls, owner: str, spec: GenerateSpec | IngestSpec | ImportSpec, **fields: Any
+    ) -> JobRecord:
         """A queued job; a generation knows its step count from the start."""
         steps = spec.params.steps if isinstance(spec, GenerateSpec) else 0
         return cls(owner=owner, spec=spec, total_steps=steps, **fields)
@@ -222,6 +274,10 @@ class JobStore(ABC):
         """Records of several jobs, in order (stores override it with one round trip)."""
         return [self.get(job_id) for job_id in job_ids]
 
+    def finished_among(self, job_ids: list[str]) -> list[JobRecord]:
+        """Records of those of the jobs that are finished (a poller's question)."""
+        return [job for job in self.get_many(job_ids) if job is not None and job.finished]
+
     @abstractmethod
     def list(self, owner: str, offset: int, limit: int) -> tuple[list[JobRecord], int]: ...
 
@@ -267,6 +323,15 @@ class JobStore(ABC):
         def change(job: JobRecord) -> JobRecord | None:
             return _finished(job, status, result, error) if _owned(job, attempt) else None
 
+        return self._transform(job_id, change)
+
+    def update(
+        self, job_id: str, change: Callable[[JobRecord], JobRecord | None]
+    ) -> JobRecord | None:
+        """Replace the job by ``change(job)`` atomically (``None``: leave it); what is stored.
+
+        ``change`` may run more than once (optimistic concurrency): keep it a pure function.
+        """
         return self._transform(job_id, change)
 
     def request_cancel(self, job_id: str) -> JobRecord:
@@ -414,6 +479,19 @@ class RedisJobStore(JobStore):
         return [
             self._decode(job_id, raw) for job_id, raw in zip(job_ids, pipe.execute(), strict=True)
         ]
+
+    def finished_among(self, job_ids: list[str]) -> list[JobRecord]:
+        # Statuses first (a field each): only finished jobs are read and decoded whole.
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self._key(job_id), "status")
+        statuses = pipe.execute()
+        finished = [
+            job_id
+            for job_id, status in zip(job_ids, statuses, strict=True)
+            if status is not None and json.loads(status) in FINISHED
+        ]
+        return [job for job in self.get_many(finished) if job is not None and job.finished]
 
     def list(self, owner: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
         key = self._owner_key(owner)

@@ -86,10 +86,14 @@ class Settings(BaseSettings):
     )
     results_dir: Path = Field(Path("data/results"), description="videos and records of jobs")
     uploads_dir: Path = Field(Path("data/uploads"), description="uploads waiting for ingest")
+    imports_dir: Path = Field(
+        Path("data/imports"),
+        description="datasets for POST /memory/imports (with storage_url: imports/ in the bucket)",
+    )
     storage_url: str | None = Field(
         None,
         description="s3://bucket/prefix: bank files, uploads and results in an S3-compatible "
-        "store every host reaches; unset: bank_dir, uploads_dir and results_dir",
+        "store every host reaches; unset: bank_dir, uploads_dir, results_dir and imports_dir",
     )
     s3_endpoint_url: str | None = Field(
         None, description="endpoint of a non-AWS S3 server (MinIO, Ceph, R2); credentials: AWS_*"
@@ -163,6 +167,7 @@ NOT_SETTINGS = frozenset(
         "WEIGHTS_DIR", "API_IMAGE", "WORKER_IMAGE", "REDIS_PASSWORD", "GPU_WORKERS",
         "GPU_LOCK_DIR", "SERVICES", "VENV", "FIXTURES", "SCREENSHOTS",
         "POSTGRES_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY", "S3_BUCKET",  # compose fleet
+        "IMPORTS_HOST_DIR",
     )
 )  # fmt: skip
 

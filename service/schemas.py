@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from memory_bank.schemas import ClipRecord, SearchHit
 from model.generation import GenerationParams
@@ -22,9 +22,30 @@ class JobLinks(BaseModel):
     video: str | None = None
 
 
+class ImportRequest(BaseModel):
+    """A dataset already in the imports storage (``DITMEM_IMPORTS_DIR``, or ``imports/`` of the
+    bucket): a captions file (CSV with a video and a caption column, or JSONL) naming videos
+    relative to ``folder``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    captions: str = Field(min_length=1, max_length=1024, description="key of the captions file")
+    folder: str = Field("", max_length=1024, description="key prefix the rows' videos are under")
+    tags: list[str] = Field(default_factory=list, max_length=32, description="added to every clip")
+    window: int = Field(64, ge=1, le=1024, description="rows ingesting at a time")
+
+    @field_validator("captions", "folder")
+    @classmethod
+    def _a_plain_key(cls, value: str) -> str:
+        key = value.strip().strip("/")
+        if "\x00" in key or any(part in ("..", ".") for part in key.split("/")):
+            raise ValueError("must be a key inside the imports storage (no '..', '.' or NUL)")
+        return key
+
+
 class JobView(BaseModel):
     id: str
-    kind: Literal["generate", "ingest"]
+    kind: Literal["generate", "ingest", "import"]
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     progress: float
     step: int
@@ -47,7 +68,9 @@ class JobView(BaseModel):
         # File names stay server-side; a client downloads through links.video.
         result: dict[str, Any] = {} if params is None else {"seed": params.seed}
         if job.result is not None:
-            result |= job.result.model_dump(exclude={"kind", "video", "record"})
+            # An import's sending state (reserved rows, parked) is the workers' business.
+            internal = {"kind", "video", "record", "reserved", "parked"}
+            result |= job.result.model_dump(mode="json", exclude=internal)
         return cls(
             id=job.job_id,
             kind=job.kind,

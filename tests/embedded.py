@@ -14,6 +14,7 @@ def embedded_settings(root: Path, **overrides) -> Settings:
         bank_dir=root / "bank",
         results_dir=root / "results",
         uploads_dir=root / "uploads",
+        imports_dir=root / "imports",
         **overrides,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from runtime.celery_app import make_celery
+from runtime.dispatch import CeleryDispatcher
 from runtime.jobs import RedisJobStore
 from runtime.settings import Settings
 from worker.runner import JobRunner
@@ -22,6 +23,8 @@ def serve_tasks(
     """
     app = make_celery(settings)
     register_tasks(app, runner)
+    # Import jobs send their rows as tasks from the worker that runs them.
+    runner.dispatcher = CeleryDispatcher(app, store.redis)
 
     stop = threading.Event()
 

@@ -18,17 +18,20 @@ from pathlib import Path
 import torch
 
 from memory_bank.bank import MemoryBank
-from memory_bank.errors import BankError
+from memory_bank.errors import BankError, ClipRejected
 from memory_bank.ingest import ClipIngestor
-from memory_bank.storage import ObjectStorage
+from memory_bank.storage import ObjectMissing, ObjectStorage
 from model.errors import GenerationCancelled, ModelError
 from model.pipeline import MemoryWanPipeline
 from model.presets import Preset
+from runtime.dispatch import Dispatcher
 from runtime.generation import run_generation
+from runtime.imports import ImportDriver
 from runtime.jobs import (
     FinalStatus,
     GenerateResult,
     GenerateSpec,
+    ImportSpec,
     IngestResult,
     IngestSpec,
     JobRecord,
@@ -60,6 +63,9 @@ class JobRunner:
         ingestor: Adds uploads to the bank with this pipeline's encoder.
         results: Where videos and their JSON records go (a folder or a bucket).
         uploads: Where the uploads of ingest jobs wait.
+        imports: Where datasets of import jobs are (read only).
+        dispatcher: Hands jobs to workers; import jobs send their rows through it (embedded:
+            set once the worker thread exists).
         scratch_dir: A private local folder where a video is written before it is stored.
         lease_s: How long a claim lasts without a progress report.
         name: This worker's name in job records.
@@ -78,6 +84,8 @@ class JobRunner:
         lease_s: float = 120.0,
         name: str | None = None,
         metrics: MetricsSink | None = None,
+        imports: ObjectStorage | None = None,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         self.store = store
         self.pipe = pipe
@@ -86,6 +94,9 @@ class JobRunner:
         self.ingestor = ingestor
         self.results = results
         self.uploads = uploads
+        self.imports = imports
+        self.dispatcher = dispatcher
+        self._imports_driver: ImportDriver | None = None
         self.scratch_dir = Path(scratch_dir)
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
         self.lease_s = lease_s
@@ -111,6 +122,8 @@ class JobRunner:
             logger.info("job %s not claimed (%s): skipping this delivery", job_id, state)
             return f"skipped ({state})"
         started = time.perf_counter()
+        if isinstance(job.spec, ImportSpec):
+            return self._advance_import(job)
         try:
             result = self._run_spec(job)
         except ClaimLost:
@@ -136,7 +149,27 @@ class JobRunner:
     def _run_spec(self, job: JobRecord) -> JobResult:
         if isinstance(job.spec, GenerateSpec):
             return self._generate(job, job.spec)
+        assert isinstance(job.spec, IngestSpec)
         return self._ingest(job.spec)
+
+    def _import_driver(self) -> ImportDriver:
+        if self.dispatcher is None or self.imports is None:
+            raise RuntimeError("this runner has no dispatcher or imports storage for imports")
+        if self._imports_driver is None:
+            self._imports_driver = ImportDriver(self.store, self.dispatcher, self.imports)
+        return self._imports_driver
+
+    def _advance_import(self, job: JobRecord) -> str:
+        """Send the import's next rows; it stays running (parked) until they finish."""
+        try:
+            state = self._import_driver().advance(job)
+        except (BankError, ValueError) as error:  # no captions file, a malformed line, ...
+            return self._finish(job, time.perf_counter(), "failed", error=str(error))
+        if state is None:
+            return "skipped (claim lost)"
+        if state.finished:
+            self.metrics.increment("jobs_finished_total", f"import:{state.status}")
+        return state.status
 
     def _finish(
         self,
@@ -156,6 +189,8 @@ class JobRunner:
         self.metrics.increment("jobs_finished_total", f"{job.kind}:{status}")
         if status == "failed":
             self.metrics.increment("errors_total", f"job:{job.kind}")
+        if isinstance(job.spec, IngestSpec) and job.spec.parent is not None:
+            self._import_driver().row_finished(finished)
         return finished.status
 
     # -- generate ----------------------------------------------------------------------------------
@@ -196,6 +231,17 @@ class JobRunner:
     # -- ingest ------------------------------------------------------------------------------------
 
     def _ingest(self, spec: IngestSpec) -> IngestResult:
+        if spec.storage == "imports":  # a dataset's file: read, never removed
+            if self.imports is None:
+                raise RuntimeError("this runner has no imports storage")
+            try:
+                with self.imports.local_copy(spec.upload_key) as source:
+                    outcome = self.ingestor.ingest(
+                        source, spec.caption, list(spec.tags), source_name=spec.source_name
+                    )
+            except ObjectMissing:
+                raise ClipRejected(f"{spec.source_name}: no such file") from None
+            return IngestResult(clip_id=outcome.record.clip_id, created=outcome.created)
         try:
             with self.uploads.local_copy(spec.upload_key) as upload:
                 outcome = self.ingestor.ingest(

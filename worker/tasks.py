@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery, Task
 
-from runtime.celery_app import GENERATE_TASK, INGEST_TASK
+from runtime.celery_app import GENERATE_TASK, IMPORT_TASK, INGEST_TASK
 from worker.runner import JobRunner
 
 
@@ -17,4 +17,8 @@ def register_tasks(app: Celery, runner: JobRunner) -> None:
 
     @app.task(name=INGEST_TASK, bind=True)
     def ingest_clip(self: Task, job_id: str) -> str:
+        return runner.run(job_id)
+
+    @app.task(name=IMPORT_TASK, bind=True)
+    def advance_import(self: Task, job_id: str) -> str:
         return runner.run(job_id)

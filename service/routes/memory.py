@@ -17,13 +17,14 @@ from memory_bank.ingest import MAX_CAPTION_CHARS, clean_tags
 from memory_bank.schemas import ClipRecord
 from model.errors import InvalidClip
 from model.preprocess import probe_clip
-from runtime.jobs import IngestSpec, JobRecord
+from runtime.jobs import ImportSpec, IngestSpec, JobRecord
 from service.deps import BankDep, CallerDep, ClipId, StateDep, WriterDep
 from service.errors import ApiError
 from service.schemas import (
     ClipView,
     ClipViewPage,
     ErrorBody,
+    ImportRequest,
     JobAccepted,
     JobView,
     SearchResult,
@@ -104,6 +105,43 @@ async def upload_clip(
         await run_in_threadpool(state.storages.uploads.delete, key)
         raise
     state.metrics.increment("jobs_submitted_total", "ingest")
+    return JobAccepted(id=job.job_id, status=job.status, links=JobView.of(job).links)
+
+
+@router.post(
+    "/imports",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody}},
+)
+def import_dataset(request: ImportRequest, caller: WriterDep, state: StateDep) -> JobAccepted:
+    """Import a dataset already in the imports storage: every row becomes an ingest on the
+    workers, ``window`` at a time. Poll the job: ``result`` counts imported, already present
+    and rejected rows (with reasons) as they finish. Importing again resumes: rows already in
+    the bank come back as already present."""
+    imports = state.storages.imports
+    if not imports.exists(request.captions):
+        raise ApiError(
+            404,
+            "captions_not_found",
+            f"no {request.captions!r} in the imports storage ({imports.describe()})",
+        )
+    queued = state.store.queued_count(caller.name)
+    if queued >= state.settings.max_queued_per_key:
+        raise ApiError(
+            429, "too_many_jobs",
+            f"{queued} jobs already queued for '{caller.name}'; wait for some to finish",
+            headers={"Retry-After": "10"},
+        )  # fmt: skip
+    spec = ImportSpec(
+        folder=request.folder,
+        captions=request.captions,
+        tags=clean_tags(request.tags),
+        window=request.window,
+    )
+    job = state.store.create(JobRecord.new(caller.name, spec))
+    state.dispatcher.submit(job)
+    state.metrics.increment("jobs_submitted_total", "import")
     return JobAccepted(id=job.job_id, status=job.status, links=JobView.of(job).links)
 
 

@@ -4,7 +4,8 @@ server (moto's, over HTTP: uploads, bank files, results).
 
 One story, in order: an upload through the API is ingested by worker A; worker B's generation
 retrieves that clip and the video downloads from the API with a Range request; a bulk import of
-24 clips fans out over both workers while PostgreSQL keeps dropping every connection; a worker is
+24 clips fans out over both workers while PostgreSQL keeps dropping every connection; a dataset
+already in the bucket is imported through ``POST /memory/imports`` by both workers; a worker is
 SIGKILLed mid-job and the other finishes the job, once.
 """
 
@@ -24,6 +25,7 @@ import httpx
 import pytest
 
 from model.video_io import read_video
+from runtime.builders import open_storages
 from runtime.celery_app import make_celery
 from runtime.jobs import RedisJobStore
 from runtime.settings import Settings
@@ -44,6 +46,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 FLEET_DB = 12  # the Redis db of this module
 BULK_CLIPS = 24
+STORED_CLIPS = 8
 
 
 @dataclass
@@ -222,6 +225,35 @@ def test_an_api_and_two_workers_share_no_folder(fleet: Fleet, tmp_path: Path) ->
         assert client.get("/memory", params={"limit": 1}).json()["total"] == BULK_CLIPS + 1
         hits = client.get("/memory/search", params={"q": "a blue square number 6", "k": 3})
         assert hits.status_code == 200 and len(hits.json()["hits"]) == 3
+
+        # 3b. A dataset already in the bucket, imported through the API: the workers drive the
+        #     import job themselves, a window of rows at a time, and both ingest rows.
+        imports = open_storages(Settings(_env_file=None, **fleet.host("cli").values())).imports
+        rows = ["video,caption"]
+        for index in range(STORED_CLIPS):
+            colour = list(COLOURS)[index % 4]
+            name = f"stored-{index}.mp4"
+            path = write_clip(
+                tmp_path / "stored" / name,
+                moving_square(colour, 1 if index % 2 else -1, num_frames=13 + index // 4),
+            )
+            imports.put_file(f"bucketset/videos/{name}", path)
+            rows.append(f"{name},a stored {colour} square number {index}")
+        rows.append("missing.mp4,a row whose video is not in the bucket")
+        imports.put_bytes("bucketset/captions.csv", ("\n".join(rows) + "\n").encode())
+        accepted = client.post(
+            "/memory/imports",
+            json={"captions": "bucketset/captions.csv", "folder": "bucketset/videos", "window": 4},
+        )
+        assert accepted.status_code == 202, accepted.text
+        stored = wait_job(client, accepted.json()["id"], timeout=240)
+        assert stored["status"] == "succeeded", stored
+        summary = stored["result"]
+        assert (summary["imported"], summary["already_present"]) == (STORED_CLIPS, 0)
+        assert [row["video"] for row in summary["rejections"]] == ["missing.mp4"]
+        assert set(summary["workers"]) == {a.name, b.name}, summary["workers"]
+        total = BULK_CLIPS + 1 + STORED_CLIPS
+        assert client.get("/memory", params={"limit": 1}).json()["total"] == total
 
         # 4. A worker killed mid-job: the other one finishes it, once.
         celery = make_celery(Settings(_env_file=None, **fleet.host("api").values()))

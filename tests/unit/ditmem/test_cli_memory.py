@@ -59,6 +59,29 @@ def test_add_search_list_remove_and_rebuild(runner, videos, tmp_path):
     ]
 
 
+def test_list_pages_and_rebuild_builds_the_index_once(runner, videos, tmp_path, monkeypatch):
+    from memory_bank.index import VectorIndex
+
+    for name in ("red", "blue"):
+        invoke(runner, "memory", "add", str(videos / f"{name}.mp4"), "--caption", f"a {name} ball")
+    first = invoke(runner, "memory", "list", "--limit", "1")
+    newest = first.stdout.split("\t")[0]
+    assert "1 of 2 clips; next page: --before " + newest in first.output
+    second = invoke(runner, "memory", "list", "--limit", "1", "--before", newest)
+    assert "a red ball" in second.stdout and "next page" not in second.output
+
+    builds = []
+    build = VectorIndex.build.__func__
+    monkeypatch.setattr(
+        VectorIndex,
+        "build",
+        classmethod(lambda cls, *a, **k: builds.append(1) or build(cls, *a, **k)),
+    )
+    assert invoke(runner, "index", "rebuild").stdout.strip() == "caption index rebuilt: 2 clips"
+    assert len(builds) == 1  # not a snapshot load (or a build) and then a second build
+    assert (tmp_path / "bank" / "index" / "text.json").exists()
+
+
 def test_generate_retrieves_from_the_bank(runner, videos, tmp_path):
     invoke(runner, "memory", "add", str(videos / "red.mp4"), "--caption", "a red ball")
     out = tmp_path / "gen.mp4"

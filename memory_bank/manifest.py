@@ -64,6 +64,11 @@ clips = sa.Table(
     sa.Column("text_embedding", sa.LargeBinary, nullable=False),
     sa.Column("visual_embedder", sa.Text),
     sa.Column("visual_embedding", sa.LargeBinary),
+    # Opening a bank asks for embedders other than its own, a worker for clips of another
+    # encoder: answered from these, never by scanning a million rows (migration 0003).
+    sa.Index("clips_by_embedder", "embedder"),
+    sa.Index("clips_by_visual_embedder", "visual_embedder"),
+    sa.Index("clips_by_encoder_version", "encoder_version"),
     sqlite_autoincrement=True,  # ids of deleted clips are never handed out again
 )
 

@@ -72,7 +72,10 @@ class SyncedIndex:
             if pointer["model"] != self.model_name or pointer["dim"] != self.dim:
                 raise IndexCorrupt(f"saved for {pointer['model']}, not {self.model_name}")
             key = f"{FOLDER}/{pointer['file']}"
-            index = VectorIndex.from_bytes(files.get_bytes(key), self.config, origin=key)
+            # Read from a file (the bank's own, or a download of the bucket's): no copy of a
+            # 1.5 GB snapshot in memory on its way into FAISS.
+            with files.local_copy(key) as path:
+                index = VectorIndex.load(path, self.config)
             return index, int(pointer["seq"]), True
         except ObjectMissing:
             pass

@@ -146,6 +146,19 @@ def test_a_batch_that_fails_stores_none_of_its_clips(store: ClipStore, monkeypat
     assert store.count() == 0 and store.changes_since(0) == []
 
 
+def test_embedders_are_found_by_index_seeks_however_many_clips(store: ClipStore):
+    import dataclasses
+
+    rows = [row(n) for n in range(6)]
+    for n, name in ((1, "b-model"), (2, "a-model"), (4, "b-model")):
+        rows[n] = dataclasses.replace(
+            rows[n], clip=dataclasses.replace(rows[n].clip, embedder=name)
+        )
+    store.insert_many(rows)
+    assert store.embedders("text") == {"a-model", "b-model", "test-embedder"}
+    assert store.embedders("visual") == set()
+
+
 def test_stale_clips_and_encoder_versions(store: ClipStore):
     clip = add(store, 1)
     assert store.stale_clips("v1") == [] and store.stale_clips("v2") == [clip.clip_id]
@@ -278,7 +291,9 @@ def test_a_bank_of_the_previous_release_upgrades_in_place_with_nothing_lost(tmp_
 
     with sa.create_engine(f"sqlite:///{root / 'manifest.sqlite3'}").connect() as connection:
         version = connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-    assert version == "0002"
+        indexes = {index["name"] for index in sa.inspect(connection).get_indexes("clips")}
+    assert version == "0003"
+    assert {"clips_by_embedder", "clips_by_encoder_version"} <= indexes
     ClipStore(root).close()  # opening again changes nothing
 
 

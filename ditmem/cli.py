@@ -538,15 +538,23 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("new")
 def keys_new(
     name: Annotated[str, typer.Option(help="Who the key is for.")],
-    write: Annotated[bool, typer.Option(help="Allow memory bank changes.")] = False,
+    write: Annotated[
+        bool, typer.Option(help="Allow jobs and bank changes (deleting its own clips).")
+    ] = False,
+    admin: Annotated[
+        bool, typer.Option(help="Also allow deleting anyone's clips (implies --write).")
+    ] = False,
 ) -> None:
     """Print a new secret key and the DITMEM_API_KEYS entry that stores only its hash."""
-    from runtime.keys import ApiKey, hash_key, new_key
+    from runtime.keys import ApiKey, Scope, hash_key, new_key
 
     secret = new_key()
-    entry = ApiKey(
-        name=name, sha256=hash_key(secret), scopes={"read", "write"} if write else {"read"}
-    )
+    scopes: set[Scope] = {"read"}
+    if write or admin:
+        scopes.add("write")
+    if admin:
+        scopes.add("admin")
+    entry = ApiKey(name=name, sha256=hash_key(secret), scopes=scopes)
     typer.echo(f"key (give to {name}, shown once): {secret}")
     typer.echo(f"DITMEM_API_KEYS entry: {entry.model_dump_json()}")
 

@@ -27,7 +27,9 @@ from runtime.celery_app import make_celery
 from runtime.dispatch import CeleryDispatcher, EmbeddedDispatcher
 from runtime.jobs import JobStore, MemoryJobStore, RedisJobStore
 from runtime.metrics import LocalMetrics, MetricsSink, RedisMetrics
+from runtime.reaper import LeaseReaper
 from runtime.settings import Settings
+from runtime.uploads import sweep_uploads
 from service.app import create_app
 from service.state import AppState
 from worker.embedded import EmbeddedWorker
@@ -82,17 +84,24 @@ def build_api_state(settings: Settings) -> AppState:
     bank = open_bank(settings, storages)
     if settings.redis_url:
         store = RedisJobStore(settings.redis_url)
+        sweep_uploads(storages.uploads, store, settings.uploads_dir)
+        dispatcher = CeleryDispatcher(make_celery(settings), store.redis)
+        # Also here, not only in workers: jobs of a fleet whose last worker died are requeued.
+        reaper = LeaseReaper(store, dispatcher).start()
         return AppState(
             settings=settings,
             store=store,
-            dispatcher=CeleryDispatcher(make_celery(settings), store.redis),
+            dispatcher=dispatcher,
             bank=bank,
             storages=storages,
             mode="celery",
             metrics=RedisMetrics(store.redis),
             workers_ready=lambda: len(store.workers_ready()),
+            closers=[reaper.stop],
         )
     memory_store, metrics = MemoryJobStore(), LocalMetrics()
+    # Embedded jobs live in this process: every upload left by an earlier one is an orphan.
+    sweep_uploads(storages.uploads, memory_store, settings.uploads_dir)
     runner = build_runner(settings, memory_store, metrics, bank, storages, "embedded")
     worker = EmbeddedWorker(runner)
     runner.dispatcher = dispatcher = EmbeddedDispatcher(worker)

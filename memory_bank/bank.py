@@ -305,17 +305,18 @@ class MemoryBank:
                 for clip_id, score in fused
                 if min_score is None or score >= min_score
             ][:k]
-        records = self.store.find_many([clip_id for clip_id, _ in ranked])
+        # Captions only (one query): a hit needs no tags or file details.
+        captions = self.store.captions([clip_id for clip_id, _ in ranked])
         return [
             SearchHit(
                 clip_id=clip_id,
                 score=float(score),
-                caption=records[clip_id].caption,
+                caption=captions[clip_id],
                 text_score=text_scores.get(clip_id),
                 visual_score=visual_scores.get(clip_id),
             )
             for clip_id, score in ranked
-            if clip_id in records  # deleted by another process since the last refresh
+            if clip_id in captions  # deleted by another process since the last refresh
         ]
 
     def get(self, clip_id: int) -> ClipRecord:

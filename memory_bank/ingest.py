@@ -59,6 +59,7 @@ class IngestItem:
     caption: str
     tags: tuple[str, ...] = ()
     source_name: str | None = None  # the name it was uploaded as (default: the file's)
+    owner: str | None = None  # the API key adding it; None: the operator
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def validate_clip(path: Path, caption: str, limits: IngestLimits) -> ClipInfo:
             f"the limit is {limits.max_bytes / 2**20:.0f} MiB"
         )
     try:
-        info = probe_clip(path)
+        info = probe_clip(path, max_width=limits.max_width, max_height=limits.max_height)
     except InvalidClip as error:
         raise ClipRejected(str(error)) from None
     if not limits.min_duration_s <= info.duration_s <= limits.max_duration_s:
@@ -181,13 +182,15 @@ class ClipIngestor:
         tags: list[str] | tuple[str, ...] = (),
         *,
         source_name: str | None = None,
+        owner: str | None = None,
     ) -> IngestResult:
         """Validate and add one clip; an identical file already in the bank is returned as is.
 
         Raises:
             ClipRejected: the file or its caption is refused, with the reason.
         """
-        [outcome] = self.ingest_many([IngestItem(Path(path), caption, tuple(tags), source_name)])
+        item = IngestItem(Path(path), caption, tuple(tags), source_name, owner)
+        [outcome] = self.ingest_many([item])
         if isinstance(outcome, ClipRejected):
             raise outcome
         return outcome
@@ -227,6 +230,7 @@ class ClipIngestor:
                     text_embedding=embedding,
                     visual_embedder=visual.name if visual is not None else None,
                     visual_embedding=e.visual_embedding,
+                    owner=e.item.owner,
                 ),
                 tokens=e.tokens,
                 encoder_version=self.encoder_version,

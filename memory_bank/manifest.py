@@ -64,6 +64,8 @@ clips = sa.Table(
     sa.Column("text_embedding", sa.LargeBinary, nullable=False),
     sa.Column("visual_embedder", sa.Text),
     sa.Column("visual_embedding", sa.LargeBinary),
+    # Who added the clip (an API key's name); None: the operator (CLI) or a bank made before.
+    sa.Column("owner", sa.Text),
     # Opening a bank asks for embedders other than its own, a worker for clips of another
     # encoder: answered from these, never by scanning a million rows (migration 0003).
     sa.Index("clips_by_embedder", "embedder"),

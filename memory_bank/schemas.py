@@ -25,6 +25,7 @@ class ClipRecord(BaseModel):
     encoder_version: str | None = Field(
         None, description="fingerprint of the encoder of its cached tokens"
     )
+    owner: str | None = Field(None, description="the API key that added it; None: the operator")
 
 
 class SearchHit(BaseModel):

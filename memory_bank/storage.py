@@ -55,6 +55,20 @@ __all__ = [
 DEFAULT_CHUNK = 1 << 20
 
 
+# Errors of a disk that cannot take a write: full, over quota, or mounted read-only.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+DISK_READ_ONLY = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def describe_disk_error(error: OSError) -> str:
+    """What went wrong with a disk, without the internal path of the file."""
+    if error.errno in DISK_FULL:
+        return "the disk is full (no space left on the device)"
+    if error.errno in DISK_READ_ONLY:
+        return "the disk is read-only or not writable"
+    return f"a disk error ({error.strerror or type(error).__name__})"
+
+
 class ObjectMissing(BankError):
     """No object is stored under this key."""
 

@@ -46,7 +46,7 @@ from model.tokens import ClipTokens
 RECORD_COLUMNS = (
     clips.c.clip_id, clips.c.caption, clips.c.source_name, clips.c.content_hash,
     clips.c.duration_s, clips.c.fps, clips.c.num_frames, clips.c.width, clips.c.height,
-    clips.c.size_bytes, clips.c.created_at, clips.c.encoder_version,
+    clips.c.size_bytes, clips.c.created_at, clips.c.encoder_version, clips.c.owner,
 )  # fmt: skip
 MAX_ID = 2**63 - 1
 
@@ -69,6 +69,7 @@ class NewClip:
     text_embedding: np.ndarray  # (dim,) float32, unit norm
     visual_embedder: str | None = None
     visual_embedding: np.ndarray | None = None  # (dim,) float32, unit norm, keyframes' mean
+    owner: str | None = None  # who added it (an API key's name); None: the operator
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ def _clip_values(row: ClipRow) -> dict[str, Any]:
         visual_embedding=(
             None if clip.visual_embedding is None else _vector_bytes(clip.visual_embedding)
         ),
+        owner=clip.owner,
     )  # fmt: skip
 
 
@@ -358,6 +360,16 @@ class ClipStore:
             return {}
         rows = self._query(sa.select(*RECORD_COLUMNS).where(clips.c.clip_id.in_(valid)))
         return {record.clip_id: record for record in self._records(rows)}
+
+    def captions(self, clip_ids: list[int]) -> dict[int, str]:
+        """Captions of the ids that exist, in one query (all a search hit shows)."""
+        valid = [i for i in clip_ids if 0 < i <= MAX_ID]
+        if not valid:
+            return {}
+        rows = self._query(
+            sa.select(clips.c.clip_id, clips.c.caption).where(clips.c.clip_id.in_(valid))
+        )
+        return dict(rows)
 
     def get_many(self, clip_ids: list[int]) -> list[ClipRecord]:
         """Records in the order of ``clip_ids``; unknown ids raise :class:`ClipNotFound`."""

@@ -19,6 +19,14 @@ class InvalidClip(ModelError):
     """A reference clip cannot be decoded or has no usable video stream."""
 
 
+class StillImage(InvalidClip):
+    """The file is a still image (PNG, JPEG, WebP, ...), not a video: the bank holds motion."""
+
+
+class ClipTooLarge(InvalidClip):
+    """The stream declares a frame size over the limit (found before any frame is decoded)."""
+
+
 class InvalidRequest(ModelError):
     """Generation parameters are out of range for the preset.
 

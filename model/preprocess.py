@@ -24,7 +24,7 @@ from av.container import InputContainer
 from av.video.stream import VideoStream
 from PIL import Image
 
-from model.errors import InvalidClip
+from model.errors import ClipTooLarge, InvalidClip, StillImage
 from model.presets import Preset
 
 __all__ = ["ClipInfo", "load_clip", "probe_clip", "sample_frame_indices"]
@@ -58,23 +58,34 @@ class ClipInfo:
     container_format: str
 
 
-def probe_clip(path: PathLike) -> ClipInfo:
+def probe_clip(
+    path: PathLike, *, max_width: int | None = None, max_height: int | None = None
+) -> ClipInfo:
     """Read a clip's metadata and check that its video stream decodes.
 
-    Only the first frame is decoded; the rest of the stream is demuxed (not decoded) when the
-    container header does not record a frame count.
+    Still images and frames larger than ``max_width`` x ``max_height`` are refused from the
+    container's and stream's headers, before any frame is decoded: a few-KB file that declares
+    16000x16000 pixels costs kilobytes, not the gigabyte its frames would take. Only the first
+    frame is decoded; the rest of the stream is demuxed (not decoded) when the container header
+    does not record a frame count.
 
     Args:
         path: Path to a video file in any format PyAV can open.
+        max_width: Widest frame accepted (``None``: any).
+        max_height: Highest frame accepted (``None``: any).
 
     Returns:
         A :class:`ClipInfo` describing the first video stream.
 
     Raises:
+        StillImage: The file is a still image, not a video (an animated GIF is a video).
+        ClipTooLarge: The stream declares frames over the limits.
         InvalidClip: The file is missing, is not a media file, has no video stream, or its
             video stream cannot be decoded.
     """
     with _open_video(path) as (container, stream):
+        _refuse_still_image(container, path)
+        _refuse_oversize(stream, path, max_width, max_height)
         _first_frame(container, stream, path)
         num_frames = _frame_count(path)
         fps = _frame_rate(stream)
@@ -188,6 +199,30 @@ def _open_video(path: PathLike) -> Iterator[tuple[InputContainer, VideoStream]]:
         raise InvalidClip(f"{path}: cannot be decoded: {exc}") from exc
     finally:
         container.close()
+
+
+# FFmpeg's demuxers of single images: "image2" (by file name) and "<codec>_pipe" (by content:
+# png_pipe, jpeg_pipe, webp_pipe, bmp_pipe, ...). GIF has a demuxer of its own and is a video.
+def _is_still_image_format(names: str) -> bool:
+    return any(name == "image2" or name.endswith("_pipe") for name in names.split(","))
+
+
+def _refuse_still_image(container: InputContainer, path: PathLike) -> None:
+    if _is_still_image_format(container.format.name):
+        kind = container.format.name.split(",")[0].removesuffix("_pipe")
+        raise StillImage(f"{path}: a still image ({kind}), not a video")
+
+
+def _refuse_oversize(
+    stream: VideoStream, path: PathLike, max_width: int | None, max_height: int | None
+) -> None:
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if (max_width is not None and width > max_width) or (
+        max_height is not None and height > max_height
+    ):
+        raise ClipTooLarge(
+            f"{path} is {width}x{height}; the limit is {max_width or 'any'}x{max_height or 'any'}"
+        )
 
 
 def _first_frame(container: InputContainer, stream: VideoStream, path: PathLike) -> None:

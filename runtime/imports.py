@@ -132,6 +132,7 @@ class ImportDriver:
                     storage="imports",
                     parent=job.job_id,
                     line=row.line,
+                    uploader=job.owner,  # the clips are the importer's, not "import"'s
                 ),
                 job_id=child_id(job.job_id, row.line),
             )

@@ -38,6 +38,10 @@ FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 ProgressReply = Literal["continue", "cancel", "lost"]
 
 JOB_FORMAT = 2  # version of the record layout; records of another version are refused
+# Workers announce themselves this often; one silent for WORKER_SILENT_S no longer counts as
+# ready (so /readyz turns 503 at most that long after the last worker died).
+HEARTBEAT_S = 5.0
+WORKER_SILENT_S = 3 * HEARTBEAT_S
 
 
 def now() -> datetime:
@@ -90,6 +94,7 @@ class IngestSpec(BaseModel):
     storage: Literal["uploads", "imports"] = "uploads"
     parent: str | None = None  # the import job this row belongs to
     line: int | None = None  # its line in that import's captions file
+    uploader: str | None = None  # owner of the clip (default: the job's owner)
 
 
 class ImportSpec(BaseModel):
@@ -232,13 +237,32 @@ def _claimed(job: JobRecord, worker: str, lease_s: float, at: float) -> JobRecor
     )
 
 
+def _lease_expired(job: JobRecord, at: float) -> bool:
+    return job.status == "running" and job.lease_until is not None and job.lease_until < at
+
+
 def _cancelled(job: JobRecord) -> JobRecord:
     if job.finished:
         return job
-    if job.status == "queued":
-        # Never runs: the claim refuses it, and it is final right away.
-        return _changed(job, status="canceled", cancel_requested=True, finished_at=now())
+    if job.status == "queued" or _lease_expired(job, time.time()):
+        # Never runs (the claim refuses it), or nothing runs it any more (its worker is gone):
+        # final right away.
+        return _changed(
+            job, status="canceled", cancel_requested=True, finished_at=now(), lease_until=None
+        )
     return _changed(job, cancel_requested=True)
+
+
+def _waiting_for_rows(job: JobRecord) -> bool:
+    """A parked import: running without a worker on purpose, until its rows finish."""
+    return isinstance(job.result, ImportResult) and job.result.parked
+
+
+def _requeued(job: JobRecord, at: float) -> JobRecord | None:
+    """A running job whose worker stopped renewing its lease, back in the queue."""
+    if not _lease_expired(job, at) or _waiting_for_rows(job):
+        return None
+    return _changed(job, status="queued", worker=None, lease_until=None, step=0, progress=0.0)
 
 
 def _owned(job: JobRecord, attempt: int) -> bool:
@@ -334,6 +358,16 @@ class JobStore(ABC):
         """
         return self._transform(job_id, change)
 
+    @abstractmethod
+    def running(self) -> list[JobRecord]:
+        """Every job whose status is running (what a lease reaper looks at)."""
+
+    def requeue_if_abandoned(self, job_id: str) -> JobRecord | None:
+        """Put a running job whose lease expired back in the queue (its attempt can no longer
+        write: every write of an attempt checks that the job is still running under it).
+        ``None`` when the job is not abandoned, or another reaper requeued it first."""
+        return self._transform(job_id, lambda job: _requeued(job, time.time()))
+
     def request_cancel(self, job_id: str) -> JobRecord:
         updated = self._transform(job_id, _cancelled)
         if updated is None:
@@ -369,6 +403,10 @@ class MemoryJobStore(JobStore):
     def queued_count(self, owner: str) -> int:
         with self._lock:
             return sum(1 for j in self._jobs.values() if j.owner == owner and j.status == "queued")
+
+    def running(self) -> list[JobRecord]:
+        with self._lock:
+            return [job for job in self._jobs.values() if job.status == "running"]
 
     def _transform(
         self, job_id: str, change: Callable[[JobRecord], JobRecord | None]
@@ -435,6 +473,10 @@ class RedisJobStore(JobStore):
         self.prefix = prefix
         self.ttl_s = ttl_s
         self._progress = self.redis.register_script(_PROGRESS_SCRIPT)
+
+    @property
+    def _running_key(self) -> str:
+        return f"{self.prefix}:v2:running"
 
     def _key(self, job_id: str) -> str:
         return f"{self.prefix}:v2:job:{job_id}"
@@ -506,6 +548,14 @@ class RedisJobStore(JobStore):
     def queued_count(self, owner: str) -> int:
         return self.redis.scard(self._queued_key(owner))
 
+    def running(self) -> list[JobRecord]:
+        ids = sorted(self.redis.smembers(self._running_key))
+        records = self.get_many(ids)
+        gone = [job_id for job_id, job in zip(ids, records, strict=True) if job is None]
+        if gone:  # records that expired while running
+            self.redis.srem(self._running_key, *gone)
+        return [job for job in records if job is not None and job.status == "running"]
+
     def _transform(
         self, job_id: str, change: Callable[[JobRecord], JobRecord | None]
     ) -> JobRecord | None:
@@ -522,8 +572,15 @@ class RedisJobStore(JobStore):
                         return None
                     pipe.multi()
                     pipe.hset(key, mapping=self._encode(updated))
-                    if updated.status != "queued":
-                        pipe.srem(self._queued_key(updated.owner), job_id)
+                    queued, running = self._queued_key(updated.owner), self._running_key
+                    if updated.status == "queued":
+                        pipe.sadd(queued, job_id)
+                    else:
+                        pipe.srem(queued, job_id)
+                    if updated.status == "running":
+                        pipe.sadd(running, job_id)
+                    else:
+                        pipe.srem(running, job_id)
                     pipe.execute()
                     return updated
                 except redis.WatchError:
@@ -551,9 +608,9 @@ class RedisJobStore(JobStore):
             return False
 
     def workers_ready(self) -> list[str]:
-        """Workers that announced a loaded model within the last minute."""
+        """Workers that announced a loaded model within the last ``WORKER_SILENT_S``."""
         key = f"{self.prefix}:workers"
-        cutoff = time.time() - 60
+        cutoff = time.time() - WORKER_SILENT_S
         self.redis.zremrangebyscore(key, 0, cutoff)
         return list(self.redis.zrangebyscore(key, cutoff, "+inf"))
 

@@ -11,7 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-Scope = Literal["read", "write"]
+# read: see the bank and one's own jobs; write: submit jobs, add clips, delete one's own clips;
+# admin: delete anyone's clips.
+Scope = Literal["read", "write", "admin"]
 
 
 class ApiKey(BaseModel):

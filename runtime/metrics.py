@@ -8,7 +8,10 @@ the API's ``/metrics`` reads them back at scrape time.
 from __future__ import annotations
 
 import bisect
+import logging
+import math
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Protocol
@@ -16,6 +19,8 @@ from typing import Protocol
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+logger = logging.getLogger(__name__)
 
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
     "job_duration_seconds": (
@@ -81,20 +86,40 @@ class RedisMetrics:
     def __init__(self, client: redis.Redis, prefix: str = "ditmem:metrics") -> None:
         self.redis = client
         self.prefix = prefix
+        self._last_warning = -math.inf
+
+    # Metrics never break what they measure: with Redis away, a sample is dropped (and said
+    # once in the log), and a scrape shows what it can.
 
     def observe(self, name: str, value: float) -> None:
         key = f"{self.prefix}:h:{name}"
-        pipe = self.redis.pipeline()
-        pipe.hincrbyfloat(key, _bucket_key(name, value), 1)
-        pipe.hincrbyfloat(key, "sum", value)
-        pipe.execute()
+        try:
+            pipe = self.redis.pipeline()
+            pipe.hincrbyfloat(key, _bucket_key(name, value), 1)
+            pipe.hincrbyfloat(key, "sum", value)
+            pipe.execute()
+        except redis.RedisError as error:
+            self._dropped(error)
 
     def increment(self, name: str, label: str = "", amount: float = 1.0) -> None:
-        self.redis.hincrbyfloat(f"{self.prefix}:c:{name}", label, amount)
+        try:
+            self.redis.hincrbyfloat(f"{self.prefix}:c:{name}", label, amount)
+        except redis.RedisError as error:
+            self._dropped(error)
 
     def read(self, key: str) -> dict[str, float]:
-        raw = self.redis.hgetall(f"{self.prefix}:{key}")
+        try:
+            raw = self.redis.hgetall(f"{self.prefix}:{key}")
+        except redis.RedisError as error:
+            self._dropped(error)
+            return {}
         return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+
+    def _dropped(self, error: redis.RedisError) -> None:
+        now = time.monotonic()
+        if now - self._last_warning > 60:
+            logger.warning("metrics not recorded while Redis is unreachable: %s", error)
+            self._last_warning = now
 
 
 class _Collector:

@@ -79,6 +79,15 @@ class Settings(BaseSettings):
         default_factory=list, description='JSON list of {"name", "sha256", "scopes"}'
     )
     max_upload_stream_chunk: int = Field(1 << 20, gt=0)
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host names the API answers to (JSON list; '*': any); unset: localhost "
+        "names in open mode, any with keys",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="other origins (https://ui.example.org) whose pages may POST/DELETE",
+    )
 
     # jobs, queue and results
     redis_url: str | None = Field(
@@ -117,11 +126,32 @@ class Settings(BaseSettings):
     index_exact_max: int = Field(20_000, ge=1, description="exact search up to this many clips")
     index_nprobe: int = Field(32, ge=1, description="IVF lists probed per search above that")
 
+    @property
+    def served_hosts(self) -> list[str]:
+        """``allowed_hosts``, or its default: open mode answers to local names only."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        return ["*"] if self.auth == "keys" else ["localhost", "127.0.0.1", "[::1]"]
+
     @model_validator(mode="after")
     def _keys_mode_needs_keys(self) -> Settings:
         if self.auth == "keys" and not self.api_keys:
             raise ValueError("DITMEM_AUTH=keys needs DITMEM_API_KEYS (see `ditmem keys new`)")
         return self
+
+    @field_validator("api_keys")
+    @classmethod
+    def _one_key_per_name_and_secret(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        # A name owns jobs and clips: two keys of one name would read each other's jobs.
+        for what, values in (
+            ("name", [k.name for k in keys]),
+            ("secret", [k.sha256 for k in keys]),
+        ):
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                shown = repeated if what == "name" else [f"{v[:8]}..." for v in repeated]
+                raise ValueError(f"DITMEM_API_KEYS: two keys share the {what} {', '.join(shown)}")
+        return keys
 
     @model_validator(mode="after")
     def _real_preset_needs_weights(self) -> Settings:

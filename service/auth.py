@@ -30,7 +30,8 @@ class AuthError(Exception):
 def authenticate(authorization: str | None, keys: list[ApiKey], open_mode: bool) -> Caller:
     """The caller behind an ``Authorization: Bearer <key>`` header."""
     if open_mode:
-        return Caller(name=OPEN_MODE_CALLER, scopes={"read", "write"})
+        # One local user, who owns everything there is.
+        return Caller(name=OPEN_MODE_CALLER, scopes={"read", "write", "admin"})
     if not authorization or not authorization.lower().startswith("bearer "):
         raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
     digest = hash_key(authorization[7:].strip())

@@ -9,7 +9,7 @@ import re
 from fastapi import Request
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
-from memory_bank.storage import ObjectStorage
+from memory_bank.storage import ObjectMissing, ObjectStorage
 from service.errors import ApiError
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -54,6 +54,8 @@ def serve_object(
     """The object at ``key``; ``presigned_ttl_s`` redirects to a presigned URL when it can."""
     local = storage.local_path(key)
     if local is not None:
+        if not local.is_file():  # checked here: FileResponse would fail once it is returned
+            raise ObjectMissing(f"no object {key!r}")
         return FileResponse(local, media_type=media_type, filename=filename)
     if presigned_ttl_s is not None:
         url = storage.presigned_url(key, presigned_ttl_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from memory_bank.errors import BankCorrupt, ClipNotFound, ClipRejected, IndexCorrupt
+from memory_bank.storage import StorageUnavailable
 from model.errors import InvalidClip, InvalidRequest, WeightsNotFound
 from runtime.jobs import OutdatedJobRecord
 from service.auth import AuthError
@@ -40,6 +41,7 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     BankCorrupt: (503, "bank_unavailable"),
     IndexCorrupt: (503, "bank_unavailable"),
     OutdatedJobRecord: (410, "job_record_outdated"),
+    StorageUnavailable: (503, "storage_unavailable"),
 }
 
 

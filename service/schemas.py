@@ -137,3 +137,4 @@ class ErrorBody(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, bool | str | int] = Field(default_factory=dict)
+    failing: list[str] = Field(default_factory=list, description="the checks that failed")

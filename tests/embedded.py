@@ -6,17 +6,20 @@ from pathlib import Path
 
 from runtime.settings import Settings
 
+# A local name: open mode answers to localhost names only (DNS rebinding), not "testserver".
+LOCAL = "http://localhost"
+
 
 def embedded_settings(root: Path, **overrides) -> Settings:
-    overrides.setdefault("preset", "tiny")
-    return Settings(
-        redis_url=None,
-        bank_dir=root / "bank",
-        results_dir=root / "results",
-        uploads_dir=root / "uploads",
-        imports_dir=root / "imports",
-        **overrides,
-    )
+    values = {
+        "preset": "tiny",
+        "redis_url": None,
+        "bank_dir": root / "bank",
+        "results_dir": root / "results",
+        "uploads_dir": root / "uploads",
+        "imports_dir": root / "imports",
+    }
+    return Settings(**(values | overrides))
 
 
 # The slowest request the tiny preset accepts (a few seconds on 2 CPU cores): long enough for

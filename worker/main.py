@@ -6,12 +6,11 @@ import threading
 
 from runtime.celery_app import make_celery
 from runtime.dispatch import CeleryDispatcher
-from runtime.jobs import RedisJobStore
+from runtime.jobs import HEARTBEAT_S, RedisJobStore
+from runtime.reaper import LeaseReaper
 from runtime.settings import Settings
 from worker.runner import JobRunner
 from worker.tasks import register_tasks
-
-HEARTBEAT_S = 20.0
 
 
 def serve_tasks(
@@ -25,6 +24,7 @@ def serve_tasks(
     register_tasks(app, runner)
     # Import jobs send their rows as tasks from the worker that runs them.
     runner.dispatcher = CeleryDispatcher(app, store.redis)
+    reaper = LeaseReaper(store, runner.dispatcher).start()
 
     stop = threading.Event()
 
@@ -50,5 +50,6 @@ def serve_tasks(
         )
     finally:
         stop.set()
+        reaper.stop()
         store.retire_worker(runner.name)  # readiness must not count a worker that has stopped
         runner.bank.close()

@@ -20,7 +20,7 @@ import torch
 from memory_bank.bank import MemoryBank
 from memory_bank.errors import BankError, ClipRejected
 from memory_bank.ingest import ClipIngestor
-from memory_bank.storage import ObjectMissing, ObjectStorage
+from memory_bank.storage import ObjectMissing, ObjectStorage, describe_disk_error
 from model.errors import GenerationCancelled, ModelError
 from model.pipeline import MemoryWanPipeline
 from model.presets import Preset
@@ -133,6 +133,9 @@ class JobRunner:
             return self._finish(job, started, "canceled")
         except (ModelError, BankError, ValueError) as error:
             return self._finish(job, started, "failed", error=str(error))
+        except OSError as error:  # a full or read-only disk: the operator's to fix, not a bug
+            logger.error("job %s: %s", job_id, error)
+            return self._finish(job, started, "failed", error=describe_disk_error(error))
         except Exception as error:
             self._finish(job, started, "failed", error=f"internal error: {type(error).__name__}")
             raise
@@ -150,7 +153,7 @@ class JobRunner:
         if isinstance(job.spec, GenerateSpec):
             return self._generate(job, job.spec)
         assert isinstance(job.spec, IngestSpec)
-        return self._ingest(job.spec)
+        return self._ingest(job.spec, job.spec.uploader or job.owner)
 
     def _import_driver(self) -> ImportDriver:
         if self.dispatcher is None or self.imports is None:
@@ -184,6 +187,9 @@ class JobRunner:
         if finished is None:  # another attempt owns the job now: its outcome counts, not ours
             logger.warning("job %s: attempt %d lost its claim before finishing", job.job_id,
                            job.attempts)  # fmt: skip
+            if isinstance(result, GenerateResult):  # this attempt's own files, named by it
+                self.results.delete(result.video)
+                self.results.delete(result.record)
             return "skipped (claim lost)"
         self.metrics.observe("job_duration_seconds", time.perf_counter() - started)
         self.metrics.increment("jobs_finished_total", f"{job.kind}:{status}")
@@ -222,31 +228,41 @@ class JobRunner:
                 # The progress report of each step already brought the cancel flag back.
                 should_cancel=lambda: cancel,
             )
-            # The record after the video: a record never names a video that is not stored.
-            result = GenerateResult(video=output.video.name, record=output.record_path.name)
-            self.results.put_file(result.video, output.video, move=True)
-            self.results.put_file(result.record, output.record_path, move=True)
+            # Named by attempt: an attempt that lost its claim (a worker frozen past its lease)
+            # can never overwrite the files of the attempt that owns the job. The record after
+            # the video: a record never names a video that is not stored.
+            name = f"{job.job_id}-a{job.attempts}"
+            result = GenerateResult(video=f"{name}.mp4", record=f"{name}.json")
+            try:
+                self.results.put_file(result.video, output.video, move=True)
+                self.results.put_file(result.record, output.record_path, move=True)
+            except BaseException:  # a video without its record is never left behind
+                self.results.delete(result.video)
+                raise
         return result
 
     # -- ingest ------------------------------------------------------------------------------------
 
-    def _ingest(self, spec: IngestSpec) -> IngestResult:
-        if spec.storage == "imports":  # a dataset's file: read, never removed
-            if self.imports is None:
-                raise RuntimeError("this runner has no imports storage")
-            try:
-                with self.imports.local_copy(spec.upload_key) as source:
-                    outcome = self.ingestor.ingest(
-                        source, spec.caption, list(spec.tags), source_name=spec.source_name
-                    )
-            except ObjectMissing:
-                raise ClipRejected(f"{spec.source_name}: no such file") from None
-            return IngestResult(clip_id=outcome.record.clip_id, created=outcome.created)
+    def _ingest(self, spec: IngestSpec, owner: str) -> IngestResult:
+        imported = spec.storage == "imports"  # a dataset's file: read, never removed
+        storage = self.imports if imported else self.uploads
+        if storage is None:
+            raise RuntimeError("this runner has no imports storage")
+        name = spec.source_name or spec.upload_key
         try:
-            with self.uploads.local_copy(spec.upload_key) as upload:
-                outcome = self.ingestor.ingest(
-                    upload, spec.caption, list(spec.tags), source_name=spec.source_name
-                )
+            with storage.local_copy(spec.upload_key) as path:
+                try:
+                    outcome = self.ingestor.ingest(
+                        path, spec.caption, list(spec.tags), source_name=spec.source_name,
+                        owner=owner,
+                    )  # fmt: skip
+                except ClipRejected as error:
+                    # The user knows the file by its name, not by where it waits here.
+                    message = str(error).replace(str(path), name).replace(path.name, name)
+                    raise ClipRejected(message) from None
+        except ObjectMissing:
+            raise ClipRejected(f"{name}: no such file") from None
         finally:
-            self.uploads.delete(spec.upload_key)
+            if not imported:
+                self.uploads.delete(spec.upload_key)
         return IngestResult(clip_id=outcome.record.clip_id, created=outcome.created)

@@ -7,11 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from memory_bank.storage import ObjectMissing
 from runtime.jobs import GenerateResult, JobRecord
+from runtime.uploads import discard_upload
 from service.auth import Caller
 from service.deps import CallerDep, Offset, StateDep
 from service.downloads import serve_object
-from service.errors import JobNotFinished, JobNotFound
+from service.errors import ApiError, JobNotFinished, JobNotFound
 from service.schemas import ErrorBody, JobPage, JobView
 from service.state import AppState
 
@@ -49,7 +51,9 @@ def get_job(job_id: str, caller: CallerDep, state: StateDep) -> JobView:
 def cancel_job(job_id: str, caller: CallerDep, state: StateDep) -> JobView:
     """Cancel: a queued job never runs; a running one stops after its current step."""
     _own_job(state, caller, job_id)
-    return JobView.of(state.store.request_cancel(job_id))
+    job = state.store.request_cancel(job_id)
+    discard_upload(state.storages.uploads, job)  # a cancelled ingest's file has no reader left
+    return JobView.of(job)
 
 
 @router.get(
@@ -68,11 +72,15 @@ def get_video(job_id: str, caller: CallerDep, state: StateDep, request: Request)
     if job.status != "succeeded" or not isinstance(job.result, GenerateResult):
         raise JobNotFinished(job_id, job.status)
     settings = state.settings
-    return serve_object(
-        state.storages.results,
-        job.result.video,
-        request,
-        media_type="video/mp4",
-        filename=f"{job_id}.mp4",
-        presigned_ttl_s=settings.presigned_ttl_s if settings.presigned_downloads else None,
-    )
+    try:
+        return serve_object(
+            state.storages.results,
+            job.result.video,
+            request,
+            media_type="video/mp4",
+            filename=f"{job_id}.mp4",
+            presigned_ttl_s=settings.presigned_ttl_s if settings.presigned_downloads else None,
+        )
+    except ObjectMissing:  # removed from the results storage behind the API's back
+        message = f"the video of job {job_id} is no longer stored"
+        raise ApiError(410, "video_gone", message) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
@@ -15,7 +16,7 @@ from fastapi.responses import Response
 from memory_bank.errors import ClipRejected
 from memory_bank.ingest import MAX_CAPTION_CHARS, clean_tags
 from memory_bank.schemas import ClipRecord
-from model.errors import InvalidClip
+from model.errors import InvalidClip, StillImage
 from model.preprocess import probe_clip
 from runtime.jobs import ImportSpec, IngestSpec, JobRecord
 from service.deps import BankDep, CallerDep, ClipId, StateDep, WriterDep
@@ -48,6 +49,14 @@ def _save_upload(source: BinaryIO, target: Path) -> None:
         shutil.copyfileobj(source, handle, 1 << 20)
 
 
+def _display_name(filename: str | None) -> str:
+    """The upload's file name as the user gave it, fit to show and store (no folders, no
+    control characters such as NUL); ``upload`` when there is none."""
+    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = "".join(ch for ch in base if ch.isprintable()).strip()[:255]
+    return cleaned or "upload"
+
+
 def _view(record: ClipRecord) -> ClipView:
     return ClipView(**record.model_dump(), poster_url=f"/memory/{record.clip_id}/poster")
 
@@ -74,8 +83,9 @@ async def upload_clip(
             422, "validation_error", "caption: must not be blank", [{"field": "caption"}]
         )
     tag_list = tuple(clean_tags(tags.split(",")))
+    name = _display_name(file.filename)
     job_id = uuid.uuid4().hex
-    suffix = Path(file.filename or "").suffix.lower()[:8] or ".bin"
+    suffix = Path(name).suffix.lower()[:8] or ".bin"
     key = f"{job_id}{suffix}"
     # Received into this host's uploads folder, then stored where every worker reaches it (the
     # same folder when storage is local: a rename).
@@ -83,11 +93,22 @@ async def upload_clip(
     try:
         # Saving, probing and storing block on disk, decoding and network: off the event loop.
         await run_in_threadpool(_save_upload, file.file, upload)
-        # Probing reads headers and one frame: cheap enough to answer "not a video" right away.
-        await run_in_threadpool(probe_clip, upload)
+        # Probing reads headers and one frame: cheap enough to answer "not a video" right away,
+        # and it refuses still images and oversize frames before decoding anything.
+        settings = state.settings
+        await run_in_threadpool(
+            partial(
+                probe_clip,
+                upload,
+                max_width=settings.max_clip_width,
+                max_height=settings.max_clip_height,
+            )
+        )
         await run_in_threadpool(state.storages.uploads.put_file, key, upload, move=True)
+    except StillImage as error:
+        message = str(error).replace(str(upload), name)
+        raise ApiError(415, "unsupported_media_type", f"{message}; upload a video") from None
     except InvalidClip as error:
-        name = file.filename or "upload"
         raise ClipRejected(str(error).replace(str(upload), name)) from None
     finally:
         upload.unlink(missing_ok=True)
@@ -95,7 +116,8 @@ async def upload_clip(
         upload_key=key,
         caption=caption.strip(),
         tags=tag_list,
-        source_name=file.filename or key,
+        source_name=name,
+        uploader=caller.name,
     )
     job = JobRecord.new(caller.name, spec, job_id=job_id)
     try:
@@ -208,7 +230,20 @@ def get_poster(clip_id: ClipId, caller: CallerDep, bank: BankDep) -> Response:
     return Response(bank.poster_jpeg(clip_id), media_type="image/jpeg", headers=headers)
 
 
-@router.delete("/{clip_id}", response_model=ClipView, responses={404: {"model": ErrorBody}})
+@router.delete(
+    "/{clip_id}",
+    response_model=ClipView,
+    responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+)
 def delete_clip(clip_id: ClipId, caller: WriterDep, bank: BankDep) -> ClipView:
-    """Remove the clip's record, files and index entries."""
+    """Remove the clip's record, files and index entries: the key that added it, or a key
+    with the ``admin`` scope."""
+    record = bank.get(clip_id)
+    if record.owner != caller.name and not caller.can("admin"):
+        owner = f"'{record.owner}'" if record.owner else "the operator"
+        raise ApiError(
+            403,
+            "forbidden",
+            f"clip {clip_id} was added by {owner}; deleting it needs the admin scope",
+        )
     return _view(bank.delete(clip_id))

@@ -29,6 +29,7 @@ from fastapi.testclient import TestClient
 
 from ditmem.compose import build_app
 from runtime.settings import Settings
+from tests.embedded import LOCAL
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -143,7 +144,7 @@ class IntegrationEnv:
 
     def api(self) -> TestClient:
         """The API in this process; use as a context manager (runs the lifespan)."""
-        return TestClient(build_app(self.settings()))
+        return TestClient(build_app(self.settings()), base_url=LOCAL)
 
 
 @dataclass

@@ -92,8 +92,8 @@ def test_upload_search_generate_download(idle_stack: Stack, tmp_path: Path) -> N
     assert partial.headers["content-range"] == f"bytes 0-99/{len(video.content)}"
 
     # The results folder holds the same mp4 and a record naming the clip.
-    assert (env.results_dir / f"{job_id}.mp4").read_bytes() == video.content
-    result_record = json.loads((env.results_dir / f"{job_id}.json").read_text())
+    assert (env.results_dir / f"{job_id}-a1.mp4").read_bytes() == video.content
+    result_record = json.loads((env.results_dir / f"{job_id}-a1.json").read_text())
     assert result_record["job_id"] == job_id
     assert [used["clip_id"] for used in result_record["memory"]] == [clip_id]
 
@@ -123,7 +123,7 @@ def test_cancel_queued_job(idle_stack: Stack) -> None:
     stored = RedisJobStore(env.redis_url).get(last)
     assert stored is not None
     assert stored.attempts == 0 and stored.worker is None
-    assert not (env.results_dir / f"{last}.mp4").exists()
+    assert not list(env.results_dir.glob(f"{last}*.mp4"))
     assert client.get(f"/jobs/{last}/video").status_code == 409
 
 
@@ -151,7 +151,7 @@ def test_cancel_running_job(idle_stack: Stack) -> None:
     assert job["total_steps"] == SLOW_REQUEST["steps"]
     assert at_cancel["step"] <= job["step"] < job["total_steps"], job
     assert job["progress"] < 1.0
-    assert not (env.results_dir / f"{job_id}.mp4").exists()
+    assert not list(env.results_dir.glob(f"{job_id}*.mp4"))
     assert client.get(f"/jobs/{job_id}/video").status_code == 409
 
     # The worker serves the next job normally.
@@ -164,7 +164,7 @@ def test_duplicate_delivery_is_skipped(idle_stack: Stack) -> None:
     job_id = submit_generation(client, "a yellow square sliding left", memory={"k": 0})
     job = wait_for_job(client, job_id, timeout=60)
     assert job["status"] == "succeeded", job
-    video = env.results_dir / f"{job_id}.mp4"
+    video = env.results_dir / f"{job_id}-a1.mp4"
     mtime, size = video.stat().st_mtime_ns, video.stat().st_size
 
     # Celery may deliver a task again (redelivery after a lost ack): same task, same job id.

@@ -292,7 +292,7 @@ def test_a_bank_of_the_previous_release_upgrades_in_place_with_nothing_lost(tmp_
     with sa.create_engine(f"sqlite:///{root / 'manifest.sqlite3'}").connect() as connection:
         version = connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
         indexes = {index["name"] for index in sa.inspect(connection).get_indexes("clips")}
-    assert version == "0003"
+    assert version == "0004"
     assert {"clips_by_embedder", "clips_by_encoder_version"} <= indexes
     ClipStore(root).close()  # opening again changes nothing
 

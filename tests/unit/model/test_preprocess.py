@@ -471,3 +471,64 @@ def test_write_video_rejects_bad_input(tmp_path: Path, frames: np.ndarray, fps: 
 def test_read_video_missing_file_raises(tmp_path: Path) -> None:
     with pytest.raises(InvalidClip, match="file not found"):
         read_video(tmp_path / "missing.mp4")
+
+
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A valid PNG of a few hundred bytes whose header declares ``width`` x ``height``."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" * 64)  # far too little data: it is never decoded
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_still_images_are_refused_before_decoding(tmp_path: Path, monkeypatch) -> None:
+    from PIL import Image
+
+    from model import preprocess
+    from model.errors import StillImage
+
+    decoded = []
+    monkeypatch.setattr(preprocess, "_first_frame", lambda *a: decoded.append(a))
+    jpeg = tmp_path / "photo.mp4"  # the name says video; the bytes are a JPEG
+    Image.new("RGB", (64, 48), "red").save(jpeg, format="JPEG")
+    png = tmp_path / "frame.bin"
+    Image.new("RGB", (64, 48), "blue").save(png, format="PNG")
+    bomb = _png_declaring(tmp_path / "bomb.png", 16000, 16000)
+    for path, kind in ((jpeg, "jpeg"), (png, "png"), (bomb, "png")):
+        with pytest.raises(StillImage, match=f"still image \\({kind}\\)"):
+            probe_clip(path)
+    assert decoded == []  # refused from the headers alone
+
+
+def test_an_animated_gif_and_a_one_frame_video_are_videos(tmp_path: Path) -> None:
+    from PIL import Image
+
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "green", "blue")]
+    gif = tmp_path / "anim.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert probe_clip(gif).num_frames == 3
+    from tests.media import write_clip
+
+    one = write_clip(tmp_path / "one.mp4", np.zeros((1, 32, 32, 3), dtype=np.uint8))
+    assert probe_clip(one).num_frames == 1
+
+
+def test_frames_over_the_limit_are_refused_from_the_header(mp4_clip: Path, monkeypatch) -> None:
+    from model import preprocess
+    from model.errors import ClipTooLarge
+
+    decoded = []
+    monkeypatch.setattr(preprocess, "_first_frame", lambda *a: decoded.append(a))
+    info = probe_clip(mp4_clip)
+    with pytest.raises(ClipTooLarge, match=f"{info.width}x{info.height}; the limit is 16x"):
+        probe_clip(mp4_clip, max_width=16, max_height=4096)
+    assert len(decoded) == 1  # only the unlimited probe got as far as decoding

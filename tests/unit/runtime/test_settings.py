@@ -89,3 +89,17 @@ def test_bucket_and_postgresql_urls_are_accepted():
         database_url="postgresql://ditmem@db.internal:5432/ditmem",
     )  # fmt: skip
     assert settings.storage_url == "s3://ditmem/prod"
+
+
+def test_two_keys_of_one_name_or_one_secret_are_refused():
+    from runtime.keys import hash_key
+
+    def key(name: str, secret: str) -> dict:
+        return {"name": name, "sha256": hash_key(secret), "scopes": ["read"]}
+
+    ok = Settings(_env_file=None, auth="keys", api_keys=[key("alice", "a"), key("bob", "b")])
+    assert [k.name for k in ok.api_keys] == ["alice", "bob"]
+    with pytest.raises(ValidationError, match="share the name alice"):
+        Settings(_env_file=None, auth="keys", api_keys=[key("alice", "a"), key("alice", "b")])
+    with pytest.raises(ValidationError, match="share the secret"):
+        Settings(_env_file=None, auth="keys", api_keys=[key("alice", "a"), key("bob", "a")])

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from ditmem.compose import build_app
 from model.video_io import read_video
 from runtime.keys import ApiKey, hash_key
-from tests.embedded import SLOW_REQUEST, embedded_settings
+from tests.embedded import LOCAL, SLOW_REQUEST, embedded_settings
 from tests.media import moving_square, write_clip
 
 
@@ -22,7 +24,9 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(root: Path):
-    with TestClient(build_app(embedded_settings(root, max_upload_mb=2))) as test_client:
+    with TestClient(
+        build_app(embedded_settings(root, max_upload_mb=2)), base_url=LOCAL
+    ) as test_client:
         yield test_client
 
 
@@ -137,6 +141,19 @@ def test_cancel_running_and_queued_jobs(client):
     assert client.get(f"/jobs/{running}/video").status_code == 409
 
 
+def test_a_cancelled_queued_ingest_leaves_no_upload_behind(client, root, tmp_path):
+    running = client.post("/generate", json={"prompt": "long one", **SLOW_REQUEST}).json()["id"]
+    wait(client, running, until=lambda job: job["status"] == "running")
+    clip = write_clip(tmp_path / "queued.mp4", moving_square("green", 1, num_frames=14))
+    queued = upload(client, clip, "waits behind the generation").json()["id"]
+    assert client.get(f"/jobs/{queued}").json()["status"] == "queued"
+    assert len(list((root / "uploads").iterdir())) == 1  # stored, waiting for the worker
+    assert client.delete(f"/jobs/{queued}").json()["status"] == "canceled"
+    assert list((root / "uploads").iterdir()) == []
+    client.delete(f"/jobs/{running}")
+    wait(client, running)
+
+
 def test_video_of_an_unfinished_job_is_409(client):
     job_id = client.post("/generate", json={"prompt": "slow", **SLOW_REQUEST}).json()["id"]
     response = client.get(f"/jobs/{job_id}/video")
@@ -208,6 +225,27 @@ def test_bad_uploads_are_rejected_and_store_nothing(client, root, clip):
         data={"caption": "x"},
     )
     assert big.status_code == 413 and big.json()["error"]["code"] == "upload_too_large"
+    png = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(png, format="PNG")
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(jpeg, format="JPEG")
+    for name, data, declared in (
+        ("still.mp4", png.getvalue(), "video/mp4"),  # a PNG named and declared as a video
+        ("photo", jpeg.getvalue(), "application/octet-stream"),
+    ):
+        still = client.post(
+            "/memory", files={"file": (name, data, declared)}, data={"caption": "x"}
+        )
+        assert still.status_code == 415, still.text
+        message = still.json()["error"]["message"]
+        assert message.startswith(f"{name}: a still image") and "upload a video" in message
+    nul = client.post(
+        "/memory", files={"file": ("a\x00b.mp4", b"\x00" * 5000, "video/mp4")},
+        data={"caption": "x"},
+    )  # fmt: skip
+    assert nul.status_code == 422, nul.text  # named without the NUL, not a 500
+    assert "b.mp4: cannot be decoded" in nul.json()["error"]["message"]
+    assert "\x00" not in nul.json()["error"]["message"]
     assert upload(client, clip, "   ").status_code == 422
     no_caption = client.post("/memory", files={"file": ("a.mp4", clip.read_bytes(), "video/mp4")})
     assert no_caption.status_code == 422
@@ -250,7 +288,7 @@ def test_openapi_schema_lists_every_route(client):
 
 # -- auth ---------------------------------------------------------------------------------------
 
-ALICE, BOB = "alice-secret-key", "bob-secret-key"
+ALICE, BOB, CAROL, ROOT = "alice-secret-key", "bob-secret-key", "carol-key", "root-key"
 
 
 @pytest.fixture(scope="module")
@@ -263,9 +301,11 @@ def keyed(tmp_path_factory):
         api_keys=[
             ApiKey(name="alice", sha256=hash_key(ALICE), scopes={"read", "write"}),
             ApiKey(name="bob", sha256=hash_key(BOB), scopes={"read"}),
+            ApiKey(name="carol", sha256=hash_key(CAROL), scopes={"read", "write"}),
+            ApiKey(name="root", sha256=hash_key(ROOT), scopes={"read", "write", "admin"}),
         ],
     )
-    with TestClient(build_app(settings)) as test_client:
+    with TestClient(build_app(settings), base_url=LOCAL) as test_client:
         yield test_client
 
 
@@ -280,6 +320,25 @@ def test_keys_are_required_and_scoped(keyed, clip):
     assert upload(keyed, clip, "a red ball", headers=bearer(BOB)).status_code == 403
     assert upload(keyed, clip, "a red ball", headers=bearer(ALICE)).status_code == 202
     assert keyed.get("/healthz").status_code == 200  # probes need no key
+
+
+def test_a_clip_is_deleted_by_its_owner_or_an_admin_only(keyed, tmp_path):
+    def add(colour: str) -> int:
+        path = write_clip(tmp_path / f"{colour}.mp4", moving_square(colour, -1))
+        accepted = upload(keyed, path, f"a {colour} ball", headers=bearer(ALICE))
+        job = wait(keyed, accepted.json()["id"], headers=bearer(ALICE))
+        assert job["status"] == "succeeded", job
+        return job["result"]["clip_id"]
+
+    first, second = add("green"), add("yellow")
+    assert keyed.get(f"/memory/{first}", headers=bearer(BOB)).json()["owner"] == "alice"
+    refused = keyed.delete(f"/memory/{first}", headers=bearer(CAROL))  # write, not the owner
+    assert refused.status_code == 403 and "added by 'alice'" in refused.json()["error"]["message"]
+    assert keyed.delete(f"/memory/{first}", headers=bearer(BOB)).status_code == 403  # read only
+    assert keyed.get(f"/memory/{first}", headers=bearer(BOB)).status_code == 200  # still there
+    assert keyed.delete(f"/memory/{first}", headers=bearer(ALICE)).status_code == 200
+    assert keyed.delete(f"/memory/{second}", headers=bearer(ROOT)).status_code == 200
+    assert keyed.get(f"/memory/{second}", headers=bearer(BOB)).status_code == 404
 
 
 def test_a_key_sees_only_its_own_jobs(keyed):
@@ -308,3 +367,67 @@ def test_queued_jobs_per_key_are_bounded_with_retry_after(keyed):
     for job_id in (first, second.json()["id"]):
         keyed.delete(f"/jobs/{job_id}", headers=bearer(BOB))
         wait(keyed, job_id, headers=bearer(BOB))
+
+
+def test_responses_carry_the_security_headers(client):
+    for path in ("/", "/static/app.js", "/memory", "/jobs/nope"):
+        response = client.get(path)
+        assert response.headers["x-content-type-options"] == "nosniff", path
+        policy = response.headers["content-security-policy"]
+        assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy, path
+        assert "unsafe-inline" not in policy
+    docs = client.get("/docs")  # Swagger UI's own inline script and CDN assets still load
+    assert docs.status_code == 200
+    assert docs.headers["content-security-policy"] == "frame-ancestors 'none'"
+
+
+def test_foreign_hosts_and_cross_site_writes_are_refused(client, clip):
+    before = client.get("/memory").json()["total"]
+    rebound = client.get("/memory", headers={"Host": "attacker.example"})
+    assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host"
+    with open(clip, "rb") as handle:
+        files = {"file": ("red.mp4", handle.read(), "video/mp4")}
+    for headers in ({"Origin": "https://evil.example"},
+                    {"Referer": "https://evil.example/page.html"}):  # fmt: skip
+        forged = client.post("/memory", files=files, data={"caption": "x"}, headers=headers)
+        assert forged.status_code == 403 and forged.json()["error"]["code"] == "cross_origin"
+        assert client.delete("/memory/1", headers=headers).status_code == 403
+    own = client.post("/generate", json={"prompt": "x", "steps": 1},
+                      headers={"Origin": "http://localhost"})  # fmt: skip
+    assert own.status_code == 202  # the UI's own requests carry its own origin
+    assert client.get("/memory", headers={"Origin": "https://evil.example"}).status_code == 200
+    assert client.get("/memory").json()["total"] == before  # nothing was stored or deleted
+
+
+def test_allowed_origins_and_hosts_are_settings(tmp_path):
+    settings = embedded_settings(
+        tmp_path, allowed_hosts=["api.example.org"], allowed_origins=["https://ui.example.org"]
+    )
+    with TestClient(build_app(settings), base_url="http://api.example.org") as other:
+        assert other.get("/healthz").status_code == 200
+        assert other.get("/healthz", headers={"Host": "localhost"}).status_code == 400
+        ui = {"Origin": "https://ui.example.org"}
+        assert (
+            other.post("/generate", json={"prompt": "x", "steps": 1}, headers=ui).status_code == 202
+        )
+
+
+def test_a_rejected_ingest_names_the_users_file(tmp_path, clip):
+    with TestClient(build_app(embedded_settings(tmp_path, max_clip_duration_s=0.5)),
+                    base_url=LOCAL) as short:  # fmt: skip
+        accepted = upload(short, clip, "too long for this bank")
+        job = wait(short, accepted.json()["id"])
+        assert job["status"] == "failed"
+        assert job["error"].startswith(f"{clip.name} lasts"), job["error"]
+        assert accepted.json()["id"] not in job["error"]
+        assert list((tmp_path / "uploads").iterdir()) == []
+
+
+def test_a_video_deleted_behind_the_api_is_410(client, root):
+    job_id = client.post("/generate", json={"prompt": "x", "steps": 1, "memory": {"k": 0}})
+    job = wait(client, job_id.json()["id"])
+    assert client.get(f"/jobs/{job['id']}/video").status_code == 200
+    for stored in (root / "results").glob(f"{job['id']}-a*.mp4"):
+        stored.unlink()
+    gone = client.get(f"/jobs/{job['id']}/video")
+    assert gone.status_code == 410 and gone.json()["error"]["code"] == "video_gone"

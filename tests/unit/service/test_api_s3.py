@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from ditmem.compose import build_app
 from model.video_io import read_video
-from tests.embedded import embedded_settings
+from tests.embedded import LOCAL, embedded_settings
 from tests.media import moving_square, write_clip
 from tests.s3 import MotoServer, moto_server
 from tests.unit.service.test_api_embedded import upload, wait
@@ -48,7 +48,7 @@ def settings_for(root: Path, s3: MotoServer, **overrides):
 def test_uploads_bank_files_and_videos_live_in_the_bucket(tmp_path: Path, s3: MotoServer):
     root = tmp_path / "host"
     clip = write_clip(tmp_path / "red.mp4", moving_square("red", 1))
-    with TestClient(build_app(settings_for(root, s3))) as client:
+    with TestClient(build_app(settings_for(root, s3)), base_url=LOCAL) as client:
         accepted = upload(client, clip, "a red square moving right")
         assert accepted.status_code == 202, accepted.text
         ingest = wait(client, accepted.json()["id"])
@@ -64,7 +64,7 @@ def test_uploads_bank_files_and_videos_live_in_the_bucket(tmp_path: Path, s3: Mo
         job = wait(client, job_id)
         assert job["status"] == "succeeded", job
         assert keys(s3, "results/") == [
-            f"{PREFIX}/results/{job_id}.json", f"{PREFIX}/results/{job_id}.mp4"
+            f"{PREFIX}/results/{job_id}-a1.json", f"{PREFIX}/results/{job_id}-a1.mp4"
         ]  # fmt: skip
 
         whole = client.get(f"/jobs/{job_id}/video")
@@ -88,7 +88,7 @@ def test_uploads_bank_files_and_videos_live_in_the_bucket(tmp_path: Path, s3: Mo
 
 def test_presigned_downloads_redirect_to_the_bucket(tmp_path: Path, s3: MotoServer):
     settings = settings_for(tmp_path / "host", s3, presigned_downloads=True, presigned_ttl_s=60)
-    with TestClient(build_app(settings), follow_redirects=False) as client:
+    with TestClient(build_app(settings), base_url=LOCAL, follow_redirects=False) as client:
         job_id = client.post("/generate", json={"prompt": "a ball", "memory": {"k": 0}}).json()[
             "id"
         ]

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ditmem.compose import build_app
-from tests.embedded import embedded_settings
+from tests.embedded import LOCAL, embedded_settings
 from tests.media import moving_square, write_clip
 from tests.unit.service.test_api_embedded import wait
 
@@ -41,7 +41,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(root: Path):
-    with TestClient(build_app(embedded_settings(root))) as test_client:
+    with TestClient(build_app(embedded_settings(root)), base_url=LOCAL) as test_client:
         yield test_client
 
 

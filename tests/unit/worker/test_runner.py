@@ -66,13 +66,13 @@ def ingest_job(runner: JobRunner, upload: Path, caption: str, tags=()) -> str:
 def test_a_job_runs_once_and_a_second_delivery_is_skipped(runner):
     job_id = generate_job(runner, memory={"k": 0})
     assert runner.run(job_id) == "succeeded"
-    video = results_dir(runner) / f"{job_id}.mp4"
+    video = results_dir(runner) / f"{job_id}-a1.mp4"
     stamp = video.stat().st_mtime_ns
 
     assert runner.run(job_id) == "skipped (succeeded)"
     job = runner.store.get(job_id)
     assert job.attempts == 1 and video.stat().st_mtime_ns == stamp
-    assert (results_dir(runner) / f"{job_id}.json").is_file()
+    assert (results_dir(runner) / f"{job_id}-a1.json").is_file()
 
 
 def test_a_job_running_under_a_live_lease_is_not_claimed_but_an_expired_one_is(runner, monkeypatch):

@@ -42,6 +42,12 @@ def _environment(root: Path) -> dict[str, str]:
     }
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _write_clips(folder: Path, count: int) -> Path:
     from ditmem.toy import bank_specs, write_toy_clip
 
@@ -91,11 +97,15 @@ def _run(workers: int, clips: Path, captions: Path, root: Path) -> dict:
         store, storages = RedisJobStore(REDIS_URL), open_storages(settings)
         celery = make_celery(settings)
         with open_bank(settings, storages) as bank:
+            importer_cpu = time.process_time()
+            workers_cpu = sum(_cpu_seconds(process.pid) for process in processes)
             summary = fan_out_import(
                 read_caption_rows(captions), clips, bank=bank, store=store,
                 dispatcher=CeleryDispatcher(celery, store.redis), uploads=storages.uploads,
                 owner="bench", progress=False, poll_s=0.1,
             )  # fmt: skip
+            importer_cpu = time.process_time() - importer_cpu
+            workers_cpu = sum(_cpu_seconds(process.pid) for process in processes) - workers_cpu
         celery.close()
         # The jobs' own clocks: from the first row sent to the last one finished, so how often
         # the importer polls changes nothing.
@@ -113,6 +123,8 @@ def _run(workers: int, clips: Path, captions: Path, root: Path) -> dict:
     return {
         "workers": workers, "clips": summary.imported, "seconds": seconds,
         "clips_per_s": summary.imported / seconds, "per_worker": dict(summary.workers),
+        # Where the 2 cores went while importing (CPU seconds of each side).
+        "importer_cpu_s": importer_cpu, "workers_cpu_s": workers_cpu,
     }  # fmt: skip
 
 
@@ -136,7 +148,8 @@ def main() -> None:
             runs += pair
     for run in runs:
         print(f"{run['workers']} worker(s): {run['clips']} clips in {run['seconds']:.1f} s "
-              f"= {run['clips_per_s']:.2f} clips/s  {run['per_worker']}")  # fmt: skip
+              f"= {run['clips_per_s']:.2f} clips/s  {run['per_worker']}  CPU s: importer "
+              f"{run['importer_cpu_s']:.2f}, workers {run['workers_cpu_s']:.2f}")  # fmt: skip
     ratio = statistics.median(ratios)
     rounded = [round(r, 2) for r in ratios]
     print(f"throughput ratio 2 vs 1 workers: median {ratio:.2f}x of {rounded}")

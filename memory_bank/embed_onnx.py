@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from model.atomic import atomic_path
 
@@ -115,7 +115,7 @@ class OnnxSentenceEmbedder:
         name: The embedder's name recorded with every vector (the PyTorch backend's name for
             the same folder: the vectors are the same).
         cache_dir: Where exported graphs are kept; ``None`` keeps the export in memory only.
-        threads: ONNX Runtime's threads per call (default: the cores this process may use).
+        threads: ONNX Runtime's threads per call (default: torch's thread count).
     """
 
     def __init__(
@@ -133,7 +133,9 @@ class OnnxSentenceEmbedder:
         self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         graph = self._graph(cache_dir)
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        # The process's torch thread count (OMP_NUM_THREADS, or the cores it may use): ONNX
+        # Runtime keeps a pool of its own, which would otherwise ignore that limit.
+        options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         self._session = onnxruntime.InferenceSession(
             graph, options, providers=["CPUExecutionProvider"]

@@ -194,6 +194,9 @@ def _open_video(path: PathLike) -> Iterator[tuple[InputContainer, VideoStream]]:
             raise InvalidClip(f"{path}: no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        # As many decoding threads as the process gives torch (OMP_NUM_THREADS, or the cores):
+        # FFmpeg's default, one per core, oversubscribes a worker limited to fewer.
+        stream.thread_count = torch.get_num_threads()
         yield container, stream
     except (av.FFmpegError, OSError) as exc:
         raise InvalidClip(f"{path}: cannot be decoded: {exc}") from exc

@@ -358,6 +358,17 @@ class JobStore(ABC):
         """
         return self._transform(job_id, change)
 
+    def renew_lease(self, job_id: str, attempt: int, lease_s: float) -> bool:
+        """Extend the lease of a job that reports no steps (an ingest); False once the attempt
+        no longer holds it."""
+
+        def change(job: JobRecord) -> JobRecord | None:
+            if not _owned(job, attempt):
+                return None
+            return _changed(job, lease_until=time.time() + lease_s)
+
+        return self._transform(job_id, change) is not None
+
     @abstractmethod
     def running(self) -> list[JobRecord]:
         """Every job whose status is running (what a lease reaper looks at)."""

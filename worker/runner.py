@@ -12,7 +12,10 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -153,7 +156,30 @@ class JobRunner:
         if isinstance(job.spec, GenerateSpec):
             return self._generate(job, job.spec)
         assert isinstance(job.spec, IngestSpec)
-        return self._ingest(job.spec, job.spec.uploader or job.owner)
+        with self._lease_kept(job):
+            return self._ingest(job.spec, job.spec.uploader or job.owner)
+
+    @contextmanager
+    def _lease_kept(self, job: JobRecord) -> Iterator[None]:
+        """Renew the lease of a job that reports no steps while it runs (a long video's ingest
+        must not look abandoned to the reaper)."""
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.lease_s / 3):
+                try:
+                    if not self.store.renew_lease(job.job_id, job.attempts, self.lease_s):
+                        return  # taken over: its finish will be refused
+                except Exception as error:  # the store away for a moment: try again
+                    logger.warning("job %s: lease not renewed: %s", job.job_id, error)
+
+        thread = threading.Thread(target=renew, name=f"lease-{job.job_id[:8]}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def _import_driver(self) -> ImportDriver:
         if self.dispatcher is None or self.imports is None:

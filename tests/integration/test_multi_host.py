@@ -222,6 +222,8 @@ def test_an_api_and_two_workers_share_no_folder(fleet: Fleet, tmp_path: Path) ->
         }
         assert set(per_worker) == {a.name, b.name} and sum(per_worker.values()) == BULK_CLIPS
         assert sum(count > 0 for count in dropped) >= 2, dropped  # it really happened, twice+
+        print(f"fleet import: {imported.stdout.strip().splitlines()[-1]}; per worker "
+              f"{per_worker}; PostgreSQL connections dropped {sum(dropped)} times")  # fmt: skip
         assert client.get("/memory", params={"limit": 1}).json()["total"] == BULK_CLIPS + 1
         hits = client.get("/memory/search", params={"q": "a blue square number 6", "k": 3})
         assert hits.status_code == 200 and len(hits.json()["hits"]) == 3
@@ -252,6 +254,9 @@ def test_an_api_and_two_workers_share_no_folder(fleet: Fleet, tmp_path: Path) ->
         assert (summary["imported"], summary["already_present"]) == (STORED_CLIPS, 0)
         assert [row["video"] for row in summary["rejections"]] == ["missing.mp4"]
         assert set(summary["workers"]) == {a.name, b.name}, summary["workers"]
+        print(f"POST /memory/imports: imported {summary['imported']}, rejected "
+              f"{summary['rejected']} ({summary['rejections'][0]['reason']}), per worker "
+              f"{summary['workers']}")  # fmt: skip
         total = BULK_CLIPS + 1 + STORED_CLIPS
         assert client.get("/memory", params={"limit": 1}).json()["total"] == total
 
@@ -275,6 +280,7 @@ def test_an_api_and_two_workers_share_no_folder(fleet: Fleet, tmp_path: Path) ->
         assert done["step"] == done["total_steps"] == SLOW_REQUEST["steps"]
         finished = records.get(slow)
         assert finished.worker == survivor.name and finished.attempts == 2
+        print(f"killed {victim.name} mid-job; {survivor.name} finished it, attempts 2")
         assert client.get(f"/jobs/{slow}/video").status_code == 200
     finally:
         client.close()

@@ -170,3 +170,24 @@ def test_memory_stays_flat_over_twenty_jobs(runner, tmp_path):
     steady = np.array(samples[5:])
     slope = np.polyfit(np.arange(len(steady)), steady, 1)[0]
     assert slope < 1.0, f"RSS grows {slope:.2f} MiB per job: {samples}"
+
+
+def test_a_long_ingest_keeps_its_lease_so_the_reaper_leaves_it_alone(runner, tmp_path, monkeypatch):
+    from runtime.reaper import LeaseReaper
+
+    runner.lease_s = 0.3
+    clip = write_clip(tmp_path / "slow.mp4", moving_square("blue", 1, num_frames=15))
+    job_id = ingest_job(runner, clip, "a slow ingest")
+    reaped = []
+    reaper = LeaseReaper(runner.store, dispatcher=type("D", (), {"submit": reaped.append})())
+    real_ingest = runner.ingestor.ingest
+
+    def slow_ingest(*args, **kwargs):
+        for _ in range(6):  # 1.2 s, four leases long
+            time.sleep(0.2)
+            assert reaper.reap_once() == []  # the lease is renewed all along
+        return real_ingest(*args, **kwargs)
+
+    monkeypatch.setattr(runner.ingestor, "ingest", slow_ingest)
+    assert runner.run(job_id) == "succeeded"
+    assert runner.store.get(job_id).attempts == 1 and reaped == []

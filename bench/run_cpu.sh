@@ -5,3 +5,7 @@ cd "$(dirname "$0")/.."
 scripts/run python -m bench.memory_cost --repeats 3 > docs/bench-results/memory_cost_cpu.json
 scripts/run python -m bench.step_time --config tiny --repeats 30 > docs/bench-results/step_time_tiny_cpu.json
 scripts/run python -m bench.step_time --config tiny --precision > docs/bench-results/precision_tiny_cpu.json
+scripts/run python -m bench.embedder --json docs/bench-results/embedder_cpu.json
+scripts/run python -m bench.fleet_import --clips 64 --repeats 5 --json docs/bench-results/fleet_import_cpu.json
+# The longest (about 35 minutes, ~20 GB of scratch space): banks of 100K and 1M clips.
+scripts/run python -m bench.bank_scale --json docs/bench-results/bank_scale_cpu.json

@@ -151,6 +151,60 @@ def generate(
     typer.echo(str(output.video.resolve()))
 
 
+@app.command()
+def batch(
+    prompts: Annotated[
+        Path, typer.Argument(help="A .txt, .csv, .json or .jsonl prompt file, or a folder of .txt.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    layout: Annotated[
+        str, typer.Option(help="plain, phygenbench or vbench (the evaluators' own layouts).")
+    ] = "plain",
+    samples: Annotated[
+        int | None, typer.Option(min=1, help="Videos per prompt (vbench: 5, else 1).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="First seed (plain: 0; phygenbench and vbench: 42).")
+    ] = None,
+    retrieve: Annotated[
+        int, typer.Option(min=0, max=16, help="Memory clips retrieved per prompt (0: none).")
+    ] = 0,
+    preset: PresetOption = None,
+    bank: BankOption = None,
+    negative_prompt: Annotated[str | None, typer.Option()] = None,
+    frames: Annotated[int | None, typer.Option(help="Frame count (4n+1).")] = None,
+    height: Annotated[int | None, typer.Option()] = None,
+    width: Annotated[int | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
+    guidance_scale: Annotated[float | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+) -> None:
+    """Generate a video per prompt (and sample) into OUT; outputs that exist and decode are
+    skipped, so running it again resumes. DIR/batch.jsonl records every video made."""
+    from runtime.batch import plan, read_prompts
+    from runtime.batch_runner import BatchOptions, run_batch
+
+    if layout not in ("plain", "phygenbench", "vbench"):
+        typer.secho(f"error: unknown layout {layout!r}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    with user_errors():
+        settings = _settings(preset=preset, device=device, bank_dir=bank)
+        planned = plan(read_prompts(prompts), layout, samples=samples, seed=seed)  # type: ignore[arg-type]
+        options = BatchOptions(
+            retrieve=retrieve, negative_prompt=negative_prompt, num_frames=frames,
+            height=height, width=width, steps=steps, guidance_scale=guidance_scale,
+        )  # fmt: skip
+        summary = run_batch(settings, planned, out, options)
+    typer.echo(
+        f"{summary.made} made, {summary.skipped} already there, {summary.failed} failed "
+        f"({len(planned)} planned) in {out}"
+    )
+    for output, reason in summary.failures:
+        typer.echo(f"failed {output}: {reason}", err=True)
+    if summary.failed:
+        raise typer.Exit(code=1)
+
+
 # -- memory bank -----------------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memory_bank.embed import EmbedderOptions
 from model.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,20 @@ class UnsupportedForOnnx(ValueError):
     """The sentence-transformers folder is not a pipeline this backend reproduces."""
 
 
-def _pipeline(folder: Path) -> tuple[str, bool, int]:
-    """``(pooling "mean" | "cls", normalised, max_seq_length)`` of a model folder."""
+def _pipeline(folder: Path, options: EmbedderOptions) -> tuple[str, bool, int]:
+    """``(pooling "mean" | "cls", normalised, max_seq_length)`` of a model folder, with the
+    options' overrides; a plain transformers folder (no ``modules.json``) needs a pooling."""
+    if not (folder / "modules.json").exists():
+        if options.pooling is None:
+            raise UnsupportedForOnnx(f"{folder.name}: no modules.json; set a pooling")
+        return options.pooling, True, options.max_length or 512
+    pooling, normalised, max_length = _folder_pipeline(folder)
+    if options.pooling is not None:
+        pooling, normalised = options.pooling, True  # overrides are always unit vectors
+    return pooling, normalised, options.max_length or max_length
+
+
+def _folder_pipeline(folder: Path) -> tuple[str, bool, int]:
     modules = json.loads((folder / "modules.json").read_text())
     kinds = [module["type"] for module in modules]
     if kinds[:2] != [TRANSFORMER, POOLING] or kinds[2:] not in ([], [NORMALIZE]):
@@ -68,13 +81,13 @@ def model_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def export_to_onnx(folder: Path, target: Path) -> None:
+def export_to_onnx(folder: Path, target: Path, trust_remote_code: bool = False) -> None:
     """Write the folder's transformer as an ONNX graph ``(ids, mask, types) -> token states``."""
-    import torch
     from transformers import AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    loading = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    model = AutoModel.from_pretrained(folder, **loading).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, **loading)
 
     class TokenStates(torch.nn.Module):
         def __init__(self, transformer: torch.nn.Module) -> None:
@@ -115,6 +128,7 @@ class OnnxSentenceEmbedder:
         name: The embedder's name recorded with every vector (the PyTorch backend's name for
             the same folder: the vectors are the same).
         cache_dir: Where exported graphs are kept; ``None`` keeps the export in memory only.
+        options: Pooling and length overrides, and whether the folder's code may run.
         threads: ONNX Runtime's threads per call (default: torch's thread count).
     """
 
@@ -123,15 +137,22 @@ class OnnxSentenceEmbedder:
         folder: str | Path,
         name: str,
         cache_dir: Path | None = None,
+        options: EmbedderOptions | None = None,
         threads: int | None = None,
     ) -> None:
         import onnxruntime
         from transformers import AutoTokenizer
 
         self.folder = Path(folder)
-        self.pooling, self.normalised, self.max_length = _pipeline(self.folder)
-        self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-        graph = self._graph(cache_dir)
+        self.options = options or EmbedderOptions()
+        self.pooling, self.normalised, self.max_length = _pipeline(self.folder, self.options)
+        self._tokenizer = AutoTokenizer.from_pretrained(
+            self.folder, local_files_only=True, trust_remote_code=self.options.trust_remote_code
+        )
+        try:
+            graph = self._graph(cache_dir)
+        except (OSError, RuntimeError, ValueError, TypeError) as error:  # not exportable
+            raise UnsupportedForOnnx(f"{self.folder.name}: ONNX export failed ({error})") from error
         options = onnxruntime.SessionOptions()
         # The process's torch thread count (OMP_NUM_THREADS, or the cores it may use): ONNX
         # Runtime keeps a pool of its own, which would otherwise ignore that limit.
@@ -151,7 +172,7 @@ class OnnxSentenceEmbedder:
                 if not target.exists():
                     target.parent.mkdir(parents=True, exist_ok=True)
                     logger.info("exporting %s to ONNX at %s", self.folder.name, target)
-                    export_to_onnx(self.folder, target)
+                    export_to_onnx(self.folder, target, self.options.trust_remote_code)
                 return str(target)
             except OSError as error:  # a read-only cache: export into memory instead
                 logger.warning(
@@ -159,7 +180,7 @@ class OnnxSentenceEmbedder:
                 )
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / "model.onnx"
-            export_to_onnx(self.folder, path)
+            export_to_onnx(self.folder, path, self.options.trust_remote_code)
             return path.read_bytes()
 
     def embed(self, texts: list[str]) -> np.ndarray:

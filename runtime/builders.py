@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memory_bank.bank import BankOptions, MemoryBank
-from memory_bank.embed import open_text_embedder
+from memory_bank.embed import EmbedderOptions, open_text_embedder
 from memory_bank.index import IndexConfig
 from memory_bank.ingest import ClipIngestor, IngestLimits
 from memory_bank.storage import LocalStorage, ObjectStorage, child, open_storage
@@ -77,7 +77,14 @@ def open_bank(
     settings: Settings, storages: Storages | None = None, *, rebuild_index: bool = False
 ) -> MemoryBank:
     embedder = open_text_embedder(
-        settings.embedder_path, settings.embedder_backend, settings.embedder_cache_dir
+        settings.embedder_path,
+        settings.embedder_backend,
+        settings.embedder_cache_dir,
+        EmbedderOptions(
+            pooling=settings.embedder_pooling,
+            max_length=settings.embedder_max_length,
+            trust_remote_code=settings.embedder_trust_remote_code,
+        ),
     )
     visual = None
     if settings.visual_checkpoint is not None:

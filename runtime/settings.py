@@ -57,6 +57,20 @@ class Settings(BaseSettings):
     embedder_backend: Literal["onnx", "torch"] = Field(
         "onnx", description="run the caption embedder with ONNX Runtime (same vectors, faster)"
     )
+    embedder_pooling: Literal["mean", "cls"] | None = Field(
+        None,
+        description="pool token states by mean or [CLS] (gte-base-en-v1.5: cls); unset: "
+        "the model folder's own",
+    )
+    embedder_max_length: int | None = Field(
+        None,
+        ge=1,
+        le=8192,
+        description="tokens embedded per caption (gte: 512); unset: the folder's",
+    )
+    embedder_trust_remote_code: bool = Field(
+        False, description="run model code shipped in the embedder folder (gte needs it)"
+    )
     embedder_cache_dir: Path | None = Field(
         None, description="where ONNX exports of the embedder are kept (~/.cache/ditmem/onnx)"
     )

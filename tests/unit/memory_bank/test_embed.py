@@ -101,3 +101,83 @@ def test_a_pipeline_onnx_cannot_reproduce_falls_back_to_pytorch(cls_model, tmp_p
         embedder = open_text_embedder(folder, cache_dir=tmp_path / "cache")
     assert isinstance(embedder, SentenceTransformerEmbedder) and "max_tokens" in caplog.text
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A BERT-style model written here, offline: a plain transformers folder, no pooling config."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-bert"
+    folder.mkdir()
+    words = ["a", "red", "blue", "green", "ball", "square", "falls", "rolls", "left", "right",
+             "slowly", "on", "the", "table"]  # fmt: skip
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=5 + len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).eval().save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def _reference_vectors(folder: Path, texts: list[str], pooling: str) -> np.ndarray:
+    """CLS or masked-mean pooling computed directly from the transformer, L2-normalised."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**batch).last_hidden_state
+    if pooling == "cls":
+        vectors = states[:, 0]
+    else:
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        vectors = (states * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(vectors, dim=-1).numpy()
+
+
+def test_cls_and_mean_pooling_of_a_bert_model_are_what_they_say(tiny_bert, tmp_path, caplog):
+    from memory_bank.embed import EmbedderOptions
+
+    texts = ["a red ball falls", "a blue square rolls slowly left on the table"]
+    made = {}
+    for pooling in ("cls", "mean"):
+        options = EmbedderOptions(pooling=pooling, max_length=32)
+        for backend in ("torch", "onnx"):
+            embedder = open_text_embedder(tiny_bert, backend, tmp_path, options)
+            assert embedder.name == f"tiny-bert[pooling={pooling},max_length=32]"
+            made[pooling, backend] = embedder.embed(texts)
+        expected = _reference_vectors(tiny_bert, texts, pooling)
+        np.testing.assert_allclose(made[pooling, "torch"], expected, atol=1e-5)
+        np.testing.assert_allclose(made[pooling, "onnx"], expected, atol=1e-5)
+    plain = open_text_embedder(tiny_bert, "onnx", tmp_path, EmbedderOptions(pooling="cls"))
+    assert isinstance(plain, OnnxSentenceEmbedder)  # a plain transformers folder exports too
+    cosine = (made["cls", "torch"] * made["mean", "torch"]).sum(axis=1)
+    assert (cosine < 0.99).all()  # different poolings, different vectors
+
+    with caplog.at_level(logging.WARNING):
+        open_text_embedder(
+            tiny_bert, "torch", tmp_path, EmbedderOptions(pooling="cls", trust_remote_code=True)
+        )
+    assert "trust_remote_code" in caplog.text  # fmt: skip
+
+
+def test_max_length_truncates_the_caption(tiny_bert, tmp_path):
+    from memory_bank.embed import EmbedderOptions
+
+    options = EmbedderOptions(pooling="mean", max_length=4)  # [CLS] two words [SEP]
+    for backend in ("torch", "onnx"):
+        embedder = open_text_embedder(tiny_bert, backend, tmp_path, options)
+        long, short = embedder.embed(["a red ball falls on the table", "a red"])
+        np.testing.assert_allclose(long, short, atol=1e-5)

@@ -475,6 +475,18 @@ def train(
     tag: Annotated[str | None, typer.Option(help="Training targets: clips with this tag.")] = (
         "train"
     ),
+    memory_tag: Annotated[
+        str | None, typer.Option(help="Memory only from clips with this tag (the memory set).")
+    ] = None,
+    exclude_tag: Annotated[
+        str | None, typer.Option(help="Clips with this tag are never memory (e.g. train).")
+    ] = None,
+    t_min: Annotated[
+        float, typer.Option(min=0, max=1, help="Lowest training timestep (fraction).")
+    ] = 0.0,
+    t_max: Annotated[
+        float, typer.Option(min=0, max=1, help="Highest training timestep (fraction).")
+    ] = 1.0,
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 500,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
@@ -488,7 +500,8 @@ def train(
         settings = _settings(bank_dir=bank, preset=preset)
         config = TrainConfig(
             run_dir=run_dir, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-            k=k, train_tag=tag, checkpoint_every=checkpoint_every, seed=seed,
+            k=k, train_tag=tag, memory_tag=memory_tag, exclude_tag=exclude_tag, t_min=t_min,
+            t_max=t_max, checkpoint_every=checkpoint_every, seed=seed,
         )  # fmt: skip
         with _pipeline_and_bank(settings) as (pipe, opened):
             result = train_encoder(pipe, opened, config, resume=resume)

@@ -72,6 +72,12 @@ class TrainConfig(BaseModel):
     train_tag: str | None = Field(
         "train", description="clips with this tag are targets (None: every clip)"
     )
+    memory_tag: str | None = Field(
+        None, description="memory comes only from clips with this tag (None: any clip)"
+    )
+    exclude_tag: str | None = Field(
+        None, description="clips with this tag are never memory (e.g. the training targets)"
+    )
     shuffle_memory: bool = Field(True, description="shuffle the memory clip order per sample")
     memory_pool: int | None = Field(
         None, ge=1, description="draw the k memory clips from this many nearest (None: k)"
@@ -103,12 +109,17 @@ class TrainResult:
 # -- data ------------------------------------------------------------------------------------------
 
 
-def nearest_neighbours(vectors: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """``(len(rows), k)`` indices of the ``k`` highest inner products to each row, self excluded.
+def nearest_neighbours(
+    vectors: np.ndarray, rows: np.ndarray, k: int, candidates: np.ndarray | None = None
+) -> np.ndarray:
+    """``(len(rows), k)`` indices of the ``k`` highest inner products to each row, self excluded,
+    among ``candidates`` (a boolean mask over all rows; ``None``: every row).
 
     Ties go to the lower index, so the choice is deterministic.
     """
     scores = vectors[rows] @ vectors.T
+    if candidates is not None:
+        scores[:, ~candidates] = -np.inf
     scores[np.arange(len(rows)), rows] = -np.inf
     order = np.argsort(-scores, axis=1, kind="stable")
     return order[:, :k]
@@ -143,7 +154,10 @@ class MemoryTrainingSet:
     Args:
         bank: A ``MemoryBank`` whose clips kept their latents.
         k: Memory clips per item; clamped to the number of clips minus one.
-        train_tag: Clips with this tag are targets (``None``: all); memory comes from all clips.
+        train_tag: Clips with this tag are targets (``None``: all).
+        memory_tag: Memory comes only from clips with this tag (``None``: any clip but the
+            target). The reference's split: targets' memory from the memory set only.
+        exclude_tag: Clips with this tag are never anyone's memory.
         pool: Draw each item's ``k`` memory clips at random from its ``pool`` caption-nearest
             clips (``None``: always the ``k`` nearest). Widening the pool varies the memory a
             target sees, e.g. across clips whose captions tie.
@@ -159,22 +173,39 @@ class MemoryTrainingSet:
         *,
         pool: int | None = None,
         prompt_of: Callable[[Any], str] | None = None,
+        memory_tag: str | None = None,
+        exclude_tag: str | None = None,
     ) -> None:
         ids, vectors = bank.caption_embeddings()
         if len(ids) < 2:
             raise ValueError("training needs a bank with at least two clips")
-        self.k = min(k, len(ids) - 1)
-        if self.k < k:
-            logger.warning("k=%d clamped to %d: the bank holds %d clips", k, self.k, len(ids))
-        self.pool = max(self.k, min(pool or self.k, len(ids) - 1))
         position = {int(clip_id): i for i, clip_id in enumerate(ids)}
+
+        def rows_tagged(tag: str) -> list[int]:
+            return [position[r.clip_id] for r in bank.iter_clips(tag) if r.clip_id in position]
+
         if train_tag is None:
             target_ids = [int(i) for i in ids]
         else:
-            target_ids = sorted(int(r.clip_id) for r in bank.iter_clips(train_tag))
-            target_ids = [i for i in target_ids if i in position]
+            target_ids = sorted(int(ids[row]) for row in rows_tagged(train_tag))
         if not target_ids:
             raise ValueError(f"no clip in the bank is tagged {train_tag!r}")
+        rows = np.array([position[i] for i in target_ids])
+        candidates = np.ones(len(ids), dtype=bool)
+        if memory_tag is not None:
+            candidates[:] = False
+            candidates[rows_tagged(memory_tag)] = True
+        if exclude_tag is not None:
+            candidates[rows_tagged(exclude_tag)] = False
+        # A target that may be memory is never its own: one candidate fewer for it.
+        usable = int(candidates.sum()) - int(candidates[rows].any())
+        if usable < 1:
+            raise ValueError(f"no clip can be memory (memory tag {memory_tag!r}, excluded "
+                             f"tag {exclude_tag!r})")  # fmt: skip
+        self.k = min(k, usable)
+        if self.k < k:
+            logger.warning("k=%d clamped to %d: %d clips can be memory", k, self.k, usable)
+        self.pool = max(self.k, min(pool or self.k, usable))
         self.clip_ids = [int(i) for i in ids]
         latents = []
         for clip_id in self.clip_ids:
@@ -183,9 +214,10 @@ class MemoryTrainingSet:
                 raise ValueError(f"clip {clip_id} has no stored latent (bank keep_latents off)")
             latents.append(latent)
         self.latents = torch.stack(latents)  # (n, C, D, H, W) float32
-        rows = np.array([position[i] for i in target_ids])
         self.targets = rows
-        self.neighbours = nearest_neighbours(vectors.astype(np.float32), rows, self.pool)
+        self.neighbours = nearest_neighbours(
+            vectors.astype(np.float32), rows, self.pool, candidates
+        )
         records = {r.clip_id: r for r in bank.get_many(self.clip_ids)}
         self.captions = [records[i].caption for i in self.clip_ids]
         self.prompts = [
@@ -386,8 +418,9 @@ def train_encoder(
     run_dir.mkdir(parents=True, exist_ok=True)
 
     data = MemoryTrainingSet(
-        bank, config.k, config.train_tag, pool=config.memory_pool, prompt_of=prompt_of
-    )
+        bank, config.k, config.train_tag, pool=config.memory_pool, prompt_of=prompt_of,
+        memory_tag=config.memory_tag, exclude_tag=config.exclude_tag,
+    )  # fmt: skip
     text_states = encode_prompts(pipe, data.prompts, config.max_sequence_length)
 
     transformer = pipe.transformer

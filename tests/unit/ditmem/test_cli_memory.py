@@ -114,6 +114,10 @@ def test_import_folder(runner, videos, tmp_path):
         (["memory", "add", "missing.mp4", "--caption", "x"], "file not found"),
         (["memory", "search", "  "], "must not be empty"),
         (["memory", "import", ".", "--captions", "nope.csv"], "not found"),
+        (
+            ["train", "--run-dir", "run", "--t-min", "0.8", "--t-max", "0.2"],
+            "t_min 0.8 > t_max 0.2",
+        ),
     ],
 )
 def test_bad_input_is_a_one_line_error(runner, args, message):

@@ -185,3 +185,25 @@ def test_unfrozen_backbone_parameter_is_an_error(
     monkeypatch.setattr(training, "freeze_backbone", leaky_freeze)
     with pytest.raises(BackboneGradientError):
         train_encoder(tiny_pipe(), bank, config(tmp_path, steps=2))
+
+
+def test_memory_comes_only_from_the_memory_set(bank: MemoryBank) -> None:
+    train_ids = {r.clip_id for r in bank.iter_clips("train")}
+    memory_ids = [r.clip_id for r in bank.iter_clips() if r.clip_id not in train_ids]
+    for only in (
+        MemoryTrainingSet(bank, k=9, train_tag="train", exclude_tag="train"),
+        MemoryTrainingSet(bank, k=2, train_tag="train", exclude_tag="train", pool=2),
+    ):
+        assert only.k == len(memory_ids) == 2  # clamped to the memory set
+        for item in range(len(only)):
+            assert set(only.memory_ids(item)) <= set(memory_ids)  # never another target
+    mixed = MemoryTrainingSet(bank, k=9, train_tag="train")  # the default: any clip but itself
+    assert any(set(mixed.memory_ids(i)) & train_ids for i in range(len(mixed)))
+    with pytest.raises(ValueError, match="no clip can be memory"):
+        MemoryTrainingSet(bank, k=2, train_tag="train", memory_tag="nothing-has-this")
+
+
+def test_nearest_neighbours_among_candidates() -> None:
+    vectors = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], dtype=np.float32)
+    only_last = np.array([False, False, True])
+    assert nearest_neighbours(vectors, np.array([0, 1]), 1, only_last).tolist() == [[2], [2]]

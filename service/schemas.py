@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from memory_bank.schemas import ClipRecord, SearchHit
 from model.generation import GenerationParams
@@ -36,10 +36,12 @@ class ImportRequest(BaseModel):
 
     @field_validator("captions", "folder")
     @classmethod
-    def _a_plain_key(cls, value: str) -> str:
+    def _a_plain_key(cls, value: str, info: ValidationInfo) -> str:
         key = value.strip().strip("/")
-        if "\x00" in key or any(part in ("..", ".") for part in key.split("/")):
-            raise ValueError("must be a key inside the imports storage (no '..', '.' or NUL)")
+        if not key and info.field_name == "captions":
+            raise ValueError("must name the captions file")
+        if not key.isprintable() or "\\" in key or any(p in ("..", ".") for p in key.split("/")):
+            raise ValueError("must be a key inside the imports storage (no '..', '.', '\\', NUL)")
         return key
 
 

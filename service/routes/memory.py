@@ -142,7 +142,12 @@ def import_dataset(request: ImportRequest, caller: WriterDep, state: StateDep) -
     and rejected rows (with reasons) as they finish. Importing again resumes: rows already in
     the bank come back as already present."""
     imports = state.storages.imports
-    if not imports.exists(request.captions):
+    try:
+        found = imports.exists(request.captions)
+    except ValueError as error:  # a key the storage refuses (characters it cannot hold)
+        details = [{"field": "captions"}]
+        raise ApiError(422, "validation_error", f"captions: {error}", details) from None
+    if not found:
         raise ApiError(
             404,
             "captions_not_found",

@@ -83,7 +83,7 @@ def test_importing_again_resumes_without_ingesting_twice(client):
 def test_bad_imports_are_refused_before_any_job(client):
     missing = client.post("/memory/imports", json={"captions": "openvid/nope.csv"})
     assert missing.status_code == 404 and "nope.csv" in missing.json()["error"]["message"]
-    for key in ("../secrets.csv", "openvid/../../x.csv", "a\x00b.csv"):
+    for key in ("../secrets.csv", "openvid/../../x.csv", "a\x00b.csv", "  ", "a\\b.csv"):
         escaping = client.post("/memory/imports", json={"captions": key})
         assert escaping.status_code == 422, key
     window = client.post("/memory/imports", json={"captions": "openvid/captions.csv", "window": 0})

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, get_args
 
 import typer
 from pydantic import ValidationError
@@ -33,6 +33,14 @@ app.add_typer(index_app, name="index")
 
 PresetOption = Annotated[str | None, typer.Option(help="tiny, toy or wan2.1-t2v-1.3b.")]
 BankOption = Annotated[Path | None, typer.Option(help="Memory bank directory.")]
+# Generation options of `generate` and `batch` (None: the preset's).
+NegativePromptOption = Annotated[str | None, typer.Option()]
+FramesOption = Annotated[int | None, typer.Option(help="Frame count (4n+1).")]
+HeightOption = Annotated[int | None, typer.Option()]
+WidthOption = Annotated[int | None, typer.Option()]
+StepsOption = Annotated[int | None, typer.Option(help="Denoising steps.")]
+GuidanceOption = Annotated[float | None, typer.Option()]
+DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 
 
 @app.callback()
@@ -95,12 +103,12 @@ def generate(
         typer.Option(min=0, max=16, help="Also retrieve this many clips from the bank (0: none)."),
     ] = 0,
     bank: BankOption = None,
-    negative_prompt: Annotated[str | None, typer.Option()] = None,
-    frames: Annotated[int | None, typer.Option(help="Frame count (4n+1).")] = None,
-    height: Annotated[int | None, typer.Option()] = None,
-    width: Annotated[int | None, typer.Option()] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
-    guidance_scale: Annotated[float | None, typer.Option()] = None,
+    negative_prompt: NegativePromptOption = None,
+    frames: FramesOption = None,
+    height: HeightOption = None,
+    width: WidthOption = None,
+    steps: StepsOption = None,
+    guidance_scale: GuidanceOption = None,
     memory_guidance: Annotated[
         bool | None,
         typer.Option(
@@ -111,7 +119,7 @@ def generate(
     seed: Annotated[int, typer.Option()] = 0,
     wan_path: Annotated[Path | None, typer.Option(help="Wan2.1-T2V-1.3B-Diffusers folder.")] = None,
     dit_mem_path: Annotated[Path | None, typer.Option(help="DiT-Mem-1.3B.safetensors.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Generate one video and print where it was written."""
     from model.presets import get_preset
@@ -171,20 +179,20 @@ def batch(
     ] = 0,
     preset: PresetOption = None,
     bank: BankOption = None,
-    negative_prompt: Annotated[str | None, typer.Option()] = None,
-    frames: Annotated[int | None, typer.Option(help="Frame count (4n+1).")] = None,
-    height: Annotated[int | None, typer.Option()] = None,
-    width: Annotated[int | None, typer.Option()] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
-    guidance_scale: Annotated[float | None, typer.Option()] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    negative_prompt: NegativePromptOption = None,
+    frames: FramesOption = None,
+    height: HeightOption = None,
+    width: WidthOption = None,
+    steps: StepsOption = None,
+    guidance_scale: GuidanceOption = None,
+    device: DeviceOption = None,
 ) -> None:
     """Generate a video per prompt (and sample) into OUT; outputs that exist and decode are
     skipped, so running it again resumes. DIR/batch.jsonl records every video made."""
-    from runtime.batch import plan, read_prompts
+    from runtime.batch import Layout, plan, read_prompts
     from runtime.batch_runner import BatchOptions, run_batch
 
-    if layout not in ("plain", "phygenbench", "vbench"):
+    if layout not in get_args(Layout):
         typer.secho(f"error: unknown layout {layout!r}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2)
     with user_errors():

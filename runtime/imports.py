@@ -37,14 +37,11 @@ from runtime.jobs import (
     JobStore,
     RejectedRow,
     now,
+    with_changes,
 )
 
 CHILD_OWNER = "import"  # rows are not the caller's own jobs: they never count against its quota
 ROW_CACHE_IMPORTS = 2  # imports whose rows a worker keeps in memory
-
-
-def _with(job: JobRecord, **changes: Any) -> JobRecord:
-    return JobRecord.model_validate(job.model_dump() | changes)
 
 
 def _progress(result: ImportResult) -> float:
@@ -150,7 +147,7 @@ class ImportDriver:
         record = JobRecord.new(CHILD_OWNER, spec, job_id=child_id(import_id, row.line))
         if self.store.get(record.job_id) is not None:
             return
-        self.store.create(_with(record, status="failed", error=reason, finished_at=now()))
+        self.store.create(with_changes(record, status="failed", error=reason, finished_at=now()))
         self._count(import_id, None, row.line, row.video, reason)
 
     # -- its rows ------------------------------------------------------------------------------
@@ -199,7 +196,7 @@ def _reserve(job: JobRecord, attempt: int, rows: int) -> JobRecord | None:
     if job.cancel_requested:
         return _final(job, result, "canceled")
     if result.reserved > result.sent:  # a previous attempt died while sending
-        return _with(job, result=result.model_copy(update={"parked": False}))
+        return with_changes(job, result=result.model_copy(update={"parked": False}))
     spec = job.spec
     assert isinstance(spec, ImportSpec)
     room = max(0, min(spec.window - result.pending, rows - result.sent))
@@ -209,7 +206,7 @@ def _reserve(job: JobRecord, attempt: int, rows: int) -> JobRecord | None:
     )  # fmt: skip
     if updated.sent == rows and updated.pending == 0:  # nothing (left) to ingest
         return _final(job, updated, "succeeded")
-    return _with(job, result=updated)
+    return with_changes(job, result=updated)
 
 
 def _park(job: JobRecord, attempt: int) -> JobRecord | None:
@@ -224,9 +221,9 @@ def _park(job: JobRecord, attempt: int) -> JobRecord | None:
     if sent.sent == sent.rows and sent.pending == 0:
         return _final(job, sent, "succeeded")
     if sent.sent < sent.rows and sent.pending <= spec.window // 2:
-        return _with(job, result=sent)  # room already: the attempt goes on sending
+        return with_changes(job, result=sent)  # room already: the attempt goes on sending
     # Claimable again at once (lease in the past): the row that wakes it sends the task again.
-    return _with(job, result=sent.model_copy(update={"parked": True}), lease_until=0.0)
+    return with_changes(job, result=sent.model_copy(update={"parked": True}), lease_until=0.0)
 
 
 def _counted(
@@ -254,7 +251,7 @@ def _counted(
             return _final(job, updated, "succeeded")
         if job.cancel_requested:
             return _final(job, updated, "canceled")
-    return _with(job, result=updated, progress=_progress(updated))
+    return with_changes(job, result=updated, progress=_progress(updated))
 
 
 def _wake(job: JobRecord) -> bool:
@@ -269,11 +266,11 @@ def _unpark(job: JobRecord) -> JobRecord | None:
     result = job.result
     if job.status != "running" or not isinstance(result, ImportResult) or not result.parked:
         return None  # another row woke it first
-    return _with(job, result=result.model_copy(update={"parked": False}))
+    return with_changes(job, result=result.model_copy(update={"parked": False}))
 
 
 def _final(job: JobRecord, result: ImportResult, status: FinalStatus) -> JobRecord:
-    return _with(
+    return with_changes(
         job,
         status=status,
         result=result.model_copy(update={"parked": False}),

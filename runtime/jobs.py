@@ -208,7 +208,7 @@ class JobRecord(BaseModel):
         return self.spec.memory if isinstance(self.spec, GenerateSpec) else ()
 
 
-def _changed(job: JobRecord, **changes: Any) -> JobRecord:
+def with_changes(job: JobRecord, **changes: Any) -> JobRecord:
     """``job`` with ``changes``, validated (unlike ``model_copy``, a misspelled field fails)."""
     return JobRecord.model_validate(job.model_dump() | changes)
 
@@ -225,7 +225,7 @@ def _claimable(job: JobRecord, at: float) -> bool:
 
 
 def _claimed(job: JobRecord, worker: str, lease_s: float, at: float) -> JobRecord:
-    return _changed(
+    return with_changes(
         job,
         status="running",
         worker=worker,
@@ -247,10 +247,10 @@ def _cancelled(job: JobRecord) -> JobRecord:
     if job.status == "queued" or _lease_expired(job, time.time()):
         # Never runs (the claim refuses it), or nothing runs it any more (its worker is gone):
         # final right away.
-        return _changed(
+        return with_changes(
             job, status="canceled", cancel_requested=True, finished_at=now(), lease_until=None
         )
-    return _changed(job, cancel_requested=True)
+    return with_changes(job, cancel_requested=True)
 
 
 def _waiting_for_rows(job: JobRecord) -> bool:
@@ -262,7 +262,7 @@ def _requeued(job: JobRecord, at: float) -> JobRecord | None:
     """A running job whose worker stopped renewing its lease, back in the queue."""
     if not _lease_expired(job, at) or _waiting_for_rows(job):
         return None
-    return _changed(job, status="queued", worker=None, lease_until=None, step=0, progress=0.0)
+    return with_changes(job, status="queued", worker=None, lease_until=None, step=0, progress=0.0)
 
 
 def _owned(job: JobRecord, attempt: int) -> bool:
@@ -278,7 +278,7 @@ def _finished(
     )
     if status == "succeeded":
         changes |= dict(step=job.total_steps, progress=1.0)
-    return _changed(job, **changes)
+    return with_changes(job, **changes)
 
 
 class JobStore(ABC):
@@ -365,7 +365,7 @@ class JobStore(ABC):
         def change(job: JobRecord) -> JobRecord | None:
             if not _owned(job, attempt):
                 return None
-            return _changed(job, lease_until=time.time() + lease_s)
+            return with_changes(job, lease_until=time.time() + lease_s)
 
         return self._transform(job_id, change) is not None
 
@@ -438,7 +438,7 @@ class MemoryJobStore(JobStore):
             job = self._jobs.get(job_id)
             if job is None or not _owned(job, attempt):
                 return "lost"
-            self._jobs[job_id] = _changed(
+            self._jobs[job_id] = with_changes(
                 job,
                 step=step,
                 total_steps=total_steps,

@@ -20,7 +20,7 @@ from model.errors import ModelError
 from runtime.jobs import OutdatedJobRecord
 from runtime.settings import Settings
 from service.auth import AuthError
-from service.errors import ApiError, to_api_error
+from service.errors import ApiError, error_body, to_api_error
 from service.limits import BodySizeLimit, ConcurrencyLimit
 from service.routes import generations, health, jobs, memory, ui
 from service.security import RequestOrigin, SecurityHeaders
@@ -110,8 +110,7 @@ class CatchAll:
 
 
 def _error_response(error: ApiError) -> JSONResponse:
-    body = {"error": {"code": error.code, "message": str(error), "details": error.details}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -10,6 +10,7 @@ from memory_bank.bank import MemoryBank
 from runtime.jobs import JobStore
 from runtime.settings import Settings
 from service.auth import AuthError, Caller, authenticate
+from service.errors import ApiError
 from service.state import AppState
 
 
@@ -41,6 +42,17 @@ def get_writer(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
     if not caller.can("write"):
         raise AuthError(f"key '{caller.name}' may not change the memory bank", status=403)
     return caller
+
+
+def ensure_queue_room(state: AppState, caller: Caller) -> None:
+    """429 with ``Retry-After`` once the caller has ``max_queued_per_key`` jobs queued."""
+    queued = state.store.queued_count(caller.name)
+    if queued >= state.settings.max_queued_per_key:
+        raise ApiError(
+            429, "too_many_jobs",
+            f"{queued} jobs already queued for '{caller.name}'; wait for some to finish",
+            headers={"Retry-After": "10"},
+        )  # fmt: skip
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

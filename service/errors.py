@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from starlette.types import Send
 
 from memory_bank.errors import BankCorrupt, ClipNotFound, ClipRejected, IndexCorrupt
 from memory_bank.storage import StorageUnavailable
@@ -19,6 +22,23 @@ class ApiError(Exception):
     ) -> None:
         super().__init__(message)
         self.status, self.code, self.details, self.headers = status, code, details, headers or {}
+
+
+def error_body(error: ApiError) -> dict[str, Any]:
+    """The one JSON shape of every error the API answers."""
+    return {"error": {"code": error.code, "message": str(error), "details": error.details}}
+
+
+async def send_error(send: Send, error: ApiError, *, close: bool = False) -> None:
+    """Answer with ``error`` from a pure ASGI middleware (before any route or ``Response``);
+    ``close`` ends the connection after it (a request body that is never read)."""
+    body = json.dumps(error_body(error)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode(), value.encode()) for name, value in error.headers.items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class JobNotFound(ApiError):

@@ -3,16 +3,9 @@ and how many are received at once."""
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-def _too_large_body(limit: int) -> bytes:
-    message = f"upload exceeds the {limit / 2**20:.0f} MiB limit"
-    return json.dumps(
-        {"error": {"code": "upload_too_large", "message": message, "details": {"limit": limit}}}
-    ).encode()
+from service.errors import ApiError, send_error
 
 
 class BodySizeLimit:
@@ -69,19 +62,9 @@ class BodySizeLimit:
                 raise
 
     async def _reject(self, send: Send) -> None:
-        body = _too_large_body(self.limit)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        message = f"upload exceeds the {self.limit / 2**20:.0f} MiB limit"
+        error = ApiError(413, "upload_too_large", message, {"limit": self.limit})
+        await send_error(send, error, close=True)
 
 
 class ConcurrencyLimit:
@@ -113,20 +96,8 @@ class ConcurrencyLimit:
 
     async def _refuse(self, send: Send) -> None:
         message = f"{self.limit} uploads are being received; try again in {self.retry_after_s} s"
-        body = json.dumps(
-            {"error": {"code": "too_many_uploads", "message": message,
-                       "details": {"limit": self.limit}}}
-        ).encode()  # fmt: skip
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 429,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"retry-after", str(self.retry_after_s).encode()),
-                    (b"connection", b"close"),  # its body is never read
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        error = ApiError(
+            429, "too_many_uploads", message, {"limit": self.limit},
+            headers={"Retry-After": str(self.retry_after_s)},
+        )  # fmt: skip
+        await send_error(send, error, close=True)  # its body is never read

@@ -11,12 +11,13 @@ and Origin.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ApiError, send_error
 
 UI_POLICY = "; ".join(
     (
@@ -61,7 +62,6 @@ class SecurityHeaders:
 
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
 def _host_name(host: str) -> str:
@@ -69,19 +69,6 @@ def _host_name(host: str) -> str:
     if host.startswith("["):
         return host.split("]", 1)[0] + "]"
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def _error(status: int, code: str, message: str) -> tuple[Message, Message]:
-    body = json.dumps({"error": {"code": code, "message": message, "details": {}}}).encode()
-    start = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-    }
-    return start, {"type": "http.response.body", "body": body}
 
 
 class RequestOrigin:
@@ -112,17 +99,17 @@ class RequestOrigin:
         host = headers.get("host", "").lower()
         problem = None
         if not self.any_host and _host_name(host) not in self.hosts:
-            problem = (400, "invalid_host", f"host {host!r} is not served here")
+            problem = ApiError(400, "invalid_host", f"host {host!r} is not served here")
         elif scope["method"] in STATE_CHANGING:
             origin = headers.get("origin") or _origin_of(headers.get("referer"))
             own = f"{scope.get('scheme', 'http')}://{host}"
             if origin is not None and origin.lower() not in (own, *self.origins):
-                problem = (403, "cross_origin", f"requests from {origin} may not change anything")
+                message = f"requests from {origin} may not change anything"
+                problem = ApiError(403, "cross_origin", message)
         if problem is None:
             await self.app(scope, receive, send)
             return
-        for message in _error(*problem):
-            await send(message)
+        await send_error(send, problem)
 
 
 def _origin_of(referer: str | None) -> str | None:

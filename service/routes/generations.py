@@ -7,8 +7,7 @@ from fastapi import APIRouter, status
 from model.presets import get_preset
 from runtime.generation import resolve_generation
 from runtime.jobs import JobRecord
-from service.deps import BankDep, CallerDep, StateDep
-from service.errors import ApiError
+from service.deps import BankDep, CallerDep, StateDep, ensure_queue_room
 from service.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView
 
 router = APIRouter(tags=["generate"])
@@ -29,13 +28,7 @@ def submit_generation(
     fail now, the seed is drawn now, and the memory clips are chosen now (``memory_used`` of
     the job lists them from the start).
     """
-    queued = state.store.queued_count(caller.name)
-    if queued >= state.settings.max_queued_per_key:
-        raise ApiError(
-            429, "too_many_jobs",
-            f"{queued} jobs already queued for '{caller.name}'; wait for some to finish",
-            headers={"Retry-After": "10"},
-        )  # fmt: skip
+    ensure_queue_room(state, caller)
     spec = resolve_generation(request, get_preset(state.settings.preset), bank, state.metrics)
     job = state.store.create(JobRecord.new(caller.name, spec))
     state.dispatcher.submit(job)

@@ -19,7 +19,7 @@ from memory_bank.schemas import ClipRecord
 from model.errors import InvalidClip, StillImage
 from model.preprocess import probe_clip
 from runtime.jobs import ImportSpec, IngestSpec, JobRecord
-from service.deps import BankDep, CallerDep, ClipId, StateDep, WriterDep
+from service.deps import BankDep, CallerDep, ClipId, StateDep, WriterDep, ensure_queue_room
 from service.errors import ApiError
 from service.schemas import (
     ClipView,
@@ -153,13 +153,7 @@ def import_dataset(request: ImportRequest, caller: WriterDep, state: StateDep) -
             "captions_not_found",
             f"no {request.captions!r} in the imports storage ({imports.describe()})",
         )
-    queued = state.store.queued_count(caller.name)
-    if queued >= state.settings.max_queued_per_key:
-        raise ApiError(
-            429, "too_many_jobs",
-            f"{queued} jobs already queued for '{caller.name}'; wait for some to finish",
-            headers={"Retry-After": "10"},
-        )  # fmt: skip
+    ensure_queue_room(state, caller)
     spec = ImportSpec(
         folder=request.folder,
         captions=request.captions,

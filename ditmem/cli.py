@@ -41,6 +41,13 @@ WidthOption = Annotated[int | None, typer.Option()]
 StepsOption = Annotated[int | None, typer.Option(help="Denoising steps.")]
 GuidanceOption = Annotated[float | None, typer.Option()]
 DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")]
+ProfileOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Sampling profile: default, or reference (the DiT-Mem reference's sampler, noise, "
+        "steps, guidance and negative prompt; default: the preset's)."
+    ),
+]
 
 
 @app.callback()
@@ -117,6 +124,7 @@ def generate(
         ),
     ] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    profile: ProfileOption = None,
     wan_path: Annotated[Path | None, typer.Option(help="Wan2.1-T2V-1.3B-Diffusers folder.")] = None,
     dit_mem_path: Annotated[Path | None, typer.Option(help="DiT-Mem-1.3B.safetensors.")] = None,
     device: DeviceOption = None,
@@ -140,7 +148,7 @@ def generate(
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_frames=frames, steps=steps, guidance_scale=guidance_scale, seed=seed,
-            memory_guidance=memory_guidance, memory=MemoryOptions(k=retrieve),
+            memory_guidance=memory_guidance, profile=profile, memory=MemoryOptions(k=retrieve),
         )  # fmt: skip
         with contextlib.ExitStack() as resources:
             opened: MemoryBank | None = None
@@ -185,6 +193,7 @@ def batch(
     width: WidthOption = None,
     steps: StepsOption = None,
     guidance_scale: GuidanceOption = None,
+    profile: ProfileOption = None,
     device: DeviceOption = None,
 ) -> None:
     """Generate a video per prompt (and sample) into OUT; outputs that exist and decode are
@@ -201,6 +210,7 @@ def batch(
         options = BatchOptions(
             retrieve=retrieve, negative_prompt=negative_prompt, num_frames=frames,
             height=height, width=width, steps=steps, guidance_scale=guidance_scale,
+            profile=profile,
         )  # fmt: skip
         summary = run_batch(settings, planned, out, options)
     typer.echo(

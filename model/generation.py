@@ -20,6 +20,7 @@ from model.errors import InvalidRequest
 from model.pipeline import CancelCheck, MemoryWanPipeline, ProgressCallback
 from model.preprocess import load_memory_clip
 from model.presets import Preset
+from model.sampling import PROFILES, Profile
 from model.tokens import ClipTokens
 
 MAX_PROMPT_CHARS = 2000
@@ -44,6 +45,7 @@ class GenerationParams(BaseModel):
     guidance_scale: float
     seed: int
     memory_guidance: bool
+    profile: Profile = "default"
 
     @classmethod
     def resolve(
@@ -59,27 +61,44 @@ class GenerationParams(BaseModel):
         guidance_scale: float | None = None,
         seed: int | None = None,
         memory_guidance: bool | None = None,
+        profile: Profile | None = None,
     ) -> GenerationParams:
-        """Fill unset fields from ``preset`` and validate; raises :class:`InvalidRequest`."""
+        """Fill unset fields from ``preset`` (under the ``reference`` profile from
+        ``preset.reference``: the reference's steps, guidance, negative prompt and memory in
+        both guidance branches) and validate; raises :class:`InvalidRequest`."""
         if not prompt or not prompt.strip():
             raise InvalidRequest("prompt must not be empty")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InvalidRequest(
                 f"prompt is {len(prompt)} characters, the limit is {MAX_PROMPT_CHARS}"
             )
+        profile = preset.profile if profile is None else profile
+        if profile not in PROFILES:
+            raise InvalidRequest(
+                f"unknown profile {profile!r}; choose one of {list(PROFILES)}", field="profile"
+            )
+        if profile == "reference":
+            defaults = preset.reference
+            default_steps, default_guidance = defaults.steps, defaults.guidance_scale
+            default_negative, default_memory_guidance = defaults.negative_prompt, False
+        else:
+            default_steps, default_guidance = preset.steps, preset.guidance_scale
+            default_negative = preset.negative_prompt
+            default_memory_guidance = preset.memory_guidance
         params = cls(
             prompt=prompt.strip(),
-            negative_prompt=preset.negative_prompt if negative_prompt is None else negative_prompt,
+            negative_prompt=default_negative if negative_prompt is None else negative_prompt,
             height=preset.height if height is None else height,
             width=preset.width if width is None else width,
             num_frames=preset.num_frames if num_frames is None else num_frames,
-            steps=preset.steps if steps is None else steps,
-            guidance_scale=preset.guidance_scale if guidance_scale is None else guidance_scale,
+            steps=default_steps if steps is None else steps,
+            guidance_scale=default_guidance if guidance_scale is None else guidance_scale,
             # A fresh seed from the OS: torch.seed() would also reseed the global generator.
             seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed,
             memory_guidance=(
-                preset.memory_guidance if memory_guidance is None else bool(memory_guidance)
+                default_memory_guidance if memory_guidance is None else bool(memory_guidance)
             ),
+            profile=profile,
         )
         preset.check(
             height=params.height,
@@ -126,6 +145,7 @@ def generate(
         negative_prompt=params.negative_prompt or None,
         memory=memory,
         memory_guidance=params.memory_guidance,
+        profile=params.profile,
         height=params.height,
         width=params.width,
         num_frames=params.num_frames,

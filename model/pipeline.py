@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 from model.encoder import MemoryEncoder
 from model.errors import GenerationCancelled, InvalidRequest
 from model.injection import MemoryInjector, transformer_width
+from model.sampling import PROFILES, Profile, ReferenceFlowMatchScheduler
 from model.tokens import ClipTokens, MemoryTokens
 
 ProgressCallback = Callable[[int, int], None]
@@ -71,6 +72,8 @@ class MemoryWanPipeline(WanPipeline):
                 f"memory encoder token_dim {memory_encoder.config.token_dim} != DiT width {width}"
             )
         self.memory_injector = MemoryInjector(transformer)
+        # Set for the duration of a reference-profile call (see ``prepare_latents``).
+        self._noise_dtype: torch.dtype | None = None
 
     # -- memory ---------------------------------------------------------------------------------
 
@@ -127,6 +130,7 @@ class MemoryWanPipeline(WanPipeline):
         *,
         memory: ClipTokens | Sequence[ClipTokens] | MemoryTokens | None = None,
         memory_guidance: bool = False,
+        profile: Profile = "default",
         on_progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
         **kwargs: Any,
@@ -140,12 +144,17 @@ class MemoryWanPipeline(WanPipeline):
                 guidance only, so ``guidance_scale`` amplifies the memory's effect as it does the
                 prompt's. ``False`` (the reference behaviour) gives both branches the memory.
                 Has no effect without guidance (``guidance_scale <= 1``).
+            profile: ``"reference"`` samples as the DiT-Mem reference does (``model.sampling``):
+                its flow-matching Euler schedule and bf16 timesteps, and noise drawn in float32
+                from a CPU ``generator`` and cast to the transformer's dtype.
             on_progress: Called as ``on_progress(step, total)`` after each denoising step.
             should_cancel: Polled before the first and after every step; returning True stops
                 the run with :class:`GenerationCancelled` (the VAE decode is skipped too).
         """
         if prompt is not None and any(not p.strip() for p in _as_list(prompt)):
             raise InvalidRequest("prompt must not be empty")
+        if profile not in PROFILES:
+            raise InvalidRequest(f"unknown profile {profile!r}; choose one of {PROFILES}")
         if should_cancel is not None and should_cancel():
             raise GenerationCancelled("cancelled before the first step")
         memory_tokens = self.encode_memory(memory)
@@ -168,13 +177,40 @@ class MemoryWanPipeline(WanPipeline):
             kwargs["num_frames"] = kwargs.get("num_frames", 81) - 1
             quiet = _without_frame_rounding_warning()
         injected = self.memory_injector.use(memory_tokens, conditional_only=memory_guidance)
-        with injected, quiet:
+        reference = profile == "reference"
+        sampling = self._reference_sampling() if reference else contextlib.nullcontext()
+        with injected, quiet, sampling:
             return super().__call__(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
                 callback_on_step_end=on_step_end,
                 **kwargs,
             )
+
+    def prepare_latents(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """diffusers' initial latents; under the reference profile rounded to the DiT's dtype.
+
+        The values are diffusers' own (float32 from the call's generator, the reference's
+        rule too); the reference then casts them to its pipeline dtype before the first step.
+        """
+        latents = super().prepare_latents(*args, **kwargs)
+        if self._noise_dtype is None:
+            return latents
+        return latents.to(self._noise_dtype).to(latents.dtype)
+
+    @contextlib.contextmanager
+    def _reference_sampling(self) -> Iterator[None]:
+        """The reference's scheduler and noise for one call; the folder's scheduler after."""
+        own = self.scheduler
+        self.scheduler = ReferenceFlowMatchScheduler(
+            num_train_timesteps=own.config.num_train_timesteps
+        )
+        self._noise_dtype = self.transformer.dtype
+        try:
+            yield
+        finally:
+            self.scheduler = own
+            self._noise_dtype = None
 
 
 @contextlib.contextmanager

@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.errors import InvalidRequest
+from model.sampling import (
+    REFERENCE_GUIDANCE_SCALE,
+    REFERENCE_NEGATIVE_PROMPT,
+    REFERENCE_STEPS,
+    Profile,
+)
 
 TOY_WEIGHTS_DIR = Path(__file__).parent / "toy" / "weights"
 
@@ -38,6 +44,19 @@ class Bounds:
 
 
 @dataclass(frozen=True)
+class ReferenceDefaults:
+    """What a request under the ``reference`` profile leaves unset takes from here.
+
+    The 1.3B preset uses the reference scripts' values; the small presets keep a step count
+    within their bounds.
+    """
+
+    steps: int = REFERENCE_STEPS
+    guidance_scale: float = REFERENCE_GUIDANCE_SCALE
+    negative_prompt: str = REFERENCE_NEGATIVE_PROMPT
+
+
+@dataclass(frozen=True)
 class Preset:
     """Generation defaults and limits of one model configuration.
 
@@ -57,6 +76,8 @@ class Preset:
         weights_hint: How to obtain that folder, for the error when it is missing or partial.
         gpu_dtypes: ``dtype`` names per pipeline component on a GPU (``"default"`` for the
             rest); on the CPU everything is float32. The memory encoder follows ``"default"``.
+        profile: The sampling profile of a request that names none (``model.sampling``).
+        reference: The defaults of a request under the ``reference`` profile.
     """
 
     name: str
@@ -81,6 +102,8 @@ class Preset:
     weights_dir: Path | None = None
     weights_hint: str = ""
     gpu_dtypes: dict[str, str] = field(default_factory=dict)
+    profile: Profile = "default"
+    reference: ReferenceDefaults = field(default_factory=ReferenceDefaults)
 
     def check(
         self, *, height: int, width: int, num_frames: int, steps: int, guidance_scale: float
@@ -157,6 +180,8 @@ TINY = Preset(
         "guidance_scale": Bounds(1.0, 20.0),
     },
     seeded_components="model.tiny:build_tiny_components",
+    # The shortest schedule the reference's fixture covers, within the preset's bounds.
+    reference=ReferenceDefaults(steps=4),
 )
 
 # The toy world (model/toy): 8 frames of 16x16 pixels, denoised in pixel space (no VAE stride).
@@ -188,6 +213,8 @@ TOY = Preset(
         "steps": Bounds(1, 50),
         "guidance_scale": Bounds(1.0, 20.0),
     },
+    # The toy's trained step count; its tokenizer has no Chinese, so no negative prompt.
+    reference=ReferenceDefaults(steps=16, negative_prompt=""),
     weights_dir=TOY_WEIGHTS_DIR,
     weights_hint="the toy weights ship with the package; recreate them with `ditmem toy train`",
 )

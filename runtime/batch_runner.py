@@ -25,6 +25,7 @@ from memory_bank.errors import BankError
 from model.errors import InvalidClip, ModelError
 from model.preprocess import probe_clip
 from model.presets import get_preset
+from model.sampling import Profile
 from runtime.batch import PlannedVideo
 from runtime.builders import load_pipeline_from, open_bank
 from runtime.generation import GenerationRequest, MemoryOptions, resolve_generation, run_generation
@@ -44,6 +45,7 @@ class BatchOptions(BaseModel):
     width: int | None = None
     steps: int | None = None
     guidance_scale: float | None = None
+    profile: Profile | None = None
 
 
 @dataclass

@@ -27,6 +27,7 @@ from model.generation import (
 )
 from model.pipeline import CancelCheck, MemoryWanPipeline, ProgressCallback
 from model.presets import Preset
+from model.sampling import Profile
 from model.tokens import ClipTokens
 from model.video_io import write_video
 from runtime.jobs import GenerateSpec, MemoryClipUsed
@@ -67,6 +68,11 @@ class GenerationRequest(BaseModel):
         None,
         description="memory in the conditional branch of classifier-free guidance only, so "
         "guidance_scale amplifies it (default: the preset's)",
+    )
+    profile: Profile | None = Field(
+        None,
+        description="sampling profile: 'default' (the preset's scheduler) or 'reference' (the "
+        "DiT-Mem reference implementation's sampler, noise and defaults; default: the preset's)",
     )
     memory: MemoryOptions = Field(default_factory=MemoryOptions)
 

@@ -21,6 +21,7 @@ JSON_FILES = (
     "encoder_golden_small.json",
     "injection_golden_tiny.json",
     "dit_mem_official_keys.json",
+    "sampler_golden.json",
 )
 
 

@@ -112,6 +112,20 @@ def test_generate_with_retrieved_memory_and_download_the_video(client, clip_id, 
     assert partial.content == video.content[:100]
 
 
+def test_the_reference_profile_fills_the_references_defaults(client):
+    accepted = client.post("/generate", json={"prompt": "a red ball", "profile": "reference"})
+    assert accepted.status_code == 202, accepted.text
+    job = wait(client, accepted.json()["id"])
+    assert job["status"] == "succeeded", job
+    params = job["params"]
+    assert params["profile"] == "reference"
+    # The tiny preset's reference schedule (4 steps), guidance 5 and memory in both branches.
+    assert (params["steps"], params["guidance_scale"], params["memory_guidance"]) == (4, 5.0, False)
+    assert job["total_steps"] == 4
+    plain = client.post("/generate", json={"prompt": "a red ball", "memory": {"k": 0}}).json()
+    assert wait(client, plain["id"])["params"]["profile"] == "default"
+
+
 def test_pinned_clips_are_used_instead_of_retrieval(client, clip_id):
     accepted = client.post(
         "/generate", json={"prompt": "anything", "memory": {"clip_ids": [clip_id]}}
@@ -180,6 +194,7 @@ def test_jobs_are_listed_newest_first(client):
         ({"prompt": "x", "width": 70}, "width"),
         ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
         ({"prompt": "x", "memory_guidance": "maybe"}, "memory_guidance"),
+        ({"prompt": "x", "profile": "fast"}, "profile"),
         ({"prompt": "x", "memory": {"k": 17}}, "memory.k"),
         ({"prompt": "x", "memory": {"min_score": 2}}, "memory.min_score"),
         ({"prompt": "x", "colour": "red"}, "colour"),

@@ -19,6 +19,8 @@ from runtime.settings import Settings
 if TYPE_CHECKING:  # the CLI starts fast: torch and the bank load only in the commands that use them
     from memory_bank.bank import MemoryBank
     from model.pipeline import MemoryWanPipeline
+    from runtime.batch import PlannedVideo
+    from runtime.batch_outputs import BatchOptions, BatchSummary
 
 app = typer.Typer(
     name="ditmem",
@@ -195,32 +197,81 @@ def batch(
     guidance_scale: GuidanceOption = None,
     profile: ProfileOption = None,
     device: DeviceOption = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="A running ditmem service (http://host:port): every worker of its fleet makes "
+            "videos of the batch at once. Without it the batch runs on this machine."
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DITMEM_API_KEY", help="The service's API key.")
+    ] = None,
+    in_flight: Annotated[
+        int, typer.Option(min=1, max=256, help="Jobs kept queued or running on the service.")
+    ] = 8,
 ) -> None:
     """Generate a video per prompt (and sample) into OUT; outputs that exist and decode are
     skipped, so running it again resumes. DIR/batch.jsonl records every video made."""
     from runtime.batch import Layout, plan, read_prompts
-    from runtime.batch_runner import BatchOptions, run_batch
+    from runtime.batch_outputs import BatchOptions
 
     if layout not in get_args(Layout):
         typer.secho(f"error: unknown layout {layout!r}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2)
     with user_errors():
-        settings = _settings(preset=preset, device=device, bank_dir=bank)
         planned = plan(read_prompts(prompts), layout, samples=samples, seed=seed)  # type: ignore[arg-type]
         options = BatchOptions(
             retrieve=retrieve, negative_prompt=negative_prompt, num_frames=frames,
             height=height, width=width, steps=steps, guidance_scale=guidance_scale,
             profile=profile,
         )  # fmt: skip
-        summary = run_batch(settings, planned, out, options)
+        if server is None:
+            from runtime.batch_runner import run_batch
+
+            settings = _settings(preset=preset, device=device, bank_dir=bank)
+            summary = run_batch(settings, planned, out, options)
+        else:
+            summary = _batch_on_server(server, api_key, in_flight, preset, bank, device,
+                                       planned, out, options)  # fmt: skip
+    rate = f", {summary.made / summary.seconds:.2f} videos/s" if summary.made else ""
     typer.echo(
         f"{summary.made} made, {summary.skipped} already there, {summary.failed} failed "
-        f"({len(planned)} planned) in {out}"
+        f"({len(planned)} planned) in {out}{rate}"
     )
     for output, reason in summary.failures:
         typer.echo(f"failed {output}: {reason}", err=True)
     if summary.failed:
         raise typer.Exit(code=1)
+
+
+def _batch_on_server(
+    server: str,
+    api_key: str | None,
+    in_flight: int,
+    preset: str | None,
+    bank: Path | None,
+    device: str | None,
+    planned: list[PlannedVideo],
+    out: Path,
+    options: BatchOptions,
+) -> BatchSummary:
+    """``ditmem batch --server``: the service's preset, bank and devices make the videos."""
+    from runtime.batch_remote import BatchOnServer, ServerError, ServerOptions
+
+    for name, value in (("--bank", bank), ("--device", device)):
+        if value is not None:
+            raise ValueError(f"{name} applies to a batch on this machine, not with --server")
+    runner = BatchOnServer(ServerOptions(url=server, api_key=api_key, in_flight=in_flight))
+    try:
+        served = runner.check()
+        if preset is not None and preset != served:
+            raise ValueError(f"the service at {server} runs preset {served!r}, not {preset!r}")
+        return runner.run(planned, out, options)
+    except ServerError as error:
+        raise ValueError(str(error)) from None
+    finally:
+        runner.client.close()
 
 
 # -- memory bank -----------------------------------------------------------------------------

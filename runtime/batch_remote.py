@@ -1,0 +1,284 @@
+"""Runs a batch plan on a ditmem service, so every worker of the fleet works on it at once.
+
+A bounded number of jobs is kept in flight (``POST /generate``, each with its planned seed);
+each video is downloaded as soon as its job succeeds and placed as ``runtime.batch_runner``
+places its own (``runtime.batch_outputs``). The service's per-key queue bound answers 429 with
+``Retry-After``: the client then waits that long and keeps fewer jobs in flight. Ctrl-C cancels
+the jobs in flight; what was placed stays, and running the batch again resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from runtime.batch import PlannedVideo
+from runtime.batch_outputs import BatchFolder, BatchOptions, BatchSummary, describe, is_done
+from runtime.batch_runner import progress_bar, show
+
+logger = logging.getLogger(__name__)
+
+FINISHED = frozenset({"succeeded", "failed", "canceled"})
+MAX_WAIT_S = 30.0  # the longest Retry-After honoured as it is
+
+
+class ServerError(RuntimeError):
+    """The service cannot run the batch (unreachable, refuses the key, gone for too long)."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    url: str
+    api_key: str | None = None
+    in_flight: int = 8
+    poll_s: float = 0.2
+    # How long the service may stay unreachable mid-batch before the batch stops (resumable).
+    patience_s: float = 120.0
+    timeout_s: float = 60.0
+
+
+@dataclass
+class _InFlight:
+    number: int
+    video: PlannedVideo
+    job_id: str
+    started: float
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        error = response.json()["error"]
+        return f"{error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+def _retry_after(response: httpx.Response, default: float) -> float:
+    try:
+        return min(float(response.headers.get("Retry-After", default)), MAX_WAIT_S)
+    except ValueError:
+        return default
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    return round((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds(), 3)
+
+
+class BatchOnServer:
+    """One batch run against one service; :meth:`run` drives it to the end."""
+
+    def __init__(self, options: ServerOptions, client: httpx.Client | None = None) -> None:
+        headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+        self.options = options
+        self.client = client or httpx.Client(
+            base_url=options.url.rstrip("/"),
+            headers=headers,
+            timeout=options.timeout_s,
+            follow_redirects=True,  # presigned downloads; httpx drops the key on another host
+        )
+        self.preset: str | None = None
+        self._batch = BatchOptions()
+        self._unreachable_since: float | None = None
+
+    # -- HTTP with the service's failure modes -------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response | None:
+        """The response, or ``None`` while the service is briefly unreachable (then retried)."""
+        try:
+            response = self.client.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            return self._unreachable(str(error) or type(error).__name__)
+        if response.status_code == 503:  # job store down: the service says when to come back
+            return self._unreachable(_error_message(response), _retry_after(response, 2.0))
+        if response.status_code in (401, 403):
+            raise ServerError(f"the service refused the API key ({_error_message(response)})")
+        self._unreachable_since = None
+        return response
+
+    def _unreachable(self, why: str, wait_s: float = 1.0) -> None:
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+            logger.warning("the service is unreachable (%s); retrying", why)
+        if now - self._unreachable_since > self.options.patience_s:
+            raise ServerError(
+                f"the service at {self.options.url} was unreachable for "
+                f"{self.options.patience_s:.0f} s ({why}); run the batch again to resume"
+            )
+        time.sleep(wait_s)
+        return None
+
+    def check(self) -> str:
+        """The service's preset; fails at once if nothing answers at the URL."""
+        try:
+            response = self.client.get("/readyz")
+        except httpx.TransportError as error:
+            raise ServerError(f"no ditmem service at {self.options.url}: {error}") from None
+        try:
+            checks = response.json().get("checks", {})
+        except ValueError:
+            raise ServerError(f"{self.options.url} is not a ditmem service") from None
+        if response.status_code != 200:
+            logger.warning("the service is not ready yet (%s); jobs wait in its queue",
+                           ", ".join(response.json().get("failing", [])))  # fmt: skip
+        self.preset = str(checks.get("preset", "unknown"))
+        return self.preset
+
+    # -- the batch ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        planned: list[PlannedVideo],
+        out: Path,
+        options: BatchOptions,
+        *,
+        progress: bool = True,
+    ) -> BatchSummary:
+        began = time.perf_counter()
+        self._batch = options
+        summary = BatchSummary()
+        folder = BatchFolder(out)
+        waiting = deque(enumerate(folder.pending(planned, summary)))
+        if not waiting:
+            return summary
+        if self.preset is None:
+            self.check()
+        bar = progress_bar(len(planned), summary.skipped, progress)
+        flying: list[_InFlight] = []
+        window = max(1, self.options.in_flight)
+        hold_until = 0.0
+        with folder:
+            try:
+                while waiting or flying:
+                    while waiting and len(flying) < window and time.monotonic() >= hold_until:
+                        number, video = waiting[0]
+                        outcome = self._submit(video)
+                        if isinstance(outcome, str):
+                            waiting.popleft()
+                            flying.append(_InFlight(number, video, outcome, time.perf_counter()))
+                        elif isinstance(outcome, float):
+                            # The queue bound: keep what is in flight, wait, and aim lower.
+                            window = max(1, len(flying))
+                            hold_until = time.monotonic() + outcome
+                        elif outcome is not None:
+                            waiting.popleft()
+                            self._failed(folder, summary, video, outcome, time.perf_counter())
+                            bar.update()
+                    for job in list(flying):
+                        if self._settle(folder, summary, job):
+                            flying.remove(job)
+                            bar.update()
+                            show(bar, summary)
+                    if flying or waiting:
+                        time.sleep(self.options.poll_s)
+                    if time.monotonic() >= hold_until and window < self.options.in_flight:
+                        window += 1  # room again: grow back one job per round
+            except BaseException:
+                self._cancel(flying)
+                raise
+            finally:
+                bar.close()
+        summary.seconds = time.perf_counter() - began
+        return summary
+
+    def _submit(self, video: PlannedVideo) -> str | float | tuple[str] | None:
+        """A job id; seconds to wait (429); ``(reason,)`` for a refused video; ``None``: retry."""
+        response = self._request("POST", "/generate", json=self._batch.request_body(video))
+        if response is None:
+            return None
+        if response.status_code == 202:
+            return str(response.json()["id"])
+        if response.status_code == 429:
+            return _retry_after(response, 5.0)
+        return (_error_message(response),)
+
+    def _settle(self, folder: BatchFolder, summary: BatchSummary, job: _InFlight) -> bool:
+        """Check one job; place and record it once finished. True when it is done with."""
+        response = self._request("GET", f"/jobs/{job.job_id}")
+        if response is None:
+            return False
+        if response.status_code == 404:
+            self._failed(folder, summary, job.video, ("the job is gone from the service",),
+                         job.started, job.job_id)  # fmt: skip
+            return True
+        record = response.json()
+        if record["status"] not in FINISHED:
+            return False
+        if record["status"] != "succeeded":
+            reason = record.get("error") or f"the job was {record['status']} on the service"
+            self._failed(folder, summary, job.video, (reason,), job.started, job.job_id)
+            return True
+        scratch = folder.scratch(job.number)
+        if not self._download(record["links"]["video"], scratch):
+            return False
+        if not is_done(scratch):
+            self._failed(folder, summary, job.video, ("the downloaded video does not decode",),
+                         job.started, job.job_id)  # fmt: skip
+            return True
+        folder.place(scratch, job.video)
+        line = describe(job.video) | {
+            "status": "succeeded",
+            "preset": self.preset,
+            "params": record["params"],
+            "memory": record["memory_used"],
+            "job_id": job.job_id,
+            "server": self.options.url,
+            "queued_s": _seconds_between(record["created_at"], record["started_at"]),
+            "run_s": _seconds_between(record["started_at"], record["finished_at"]),
+        }
+        summary.made += 1
+        folder.record(line, job.started, time.perf_counter())
+        return True
+
+    def _download(self, link: str, target: Path) -> bool:
+        try:
+            with self.client.stream("GET", link) as response:
+                if response.status_code != 200:
+                    response.read()
+                    self._unreachable(_error_message(response))
+                    return False
+                with open(target, "wb") as handle:
+                    for chunk in response.iter_bytes(1 << 20):
+                        handle.write(chunk)
+        except httpx.TransportError as error:
+            self._unreachable(str(error) or type(error).__name__)
+            return False
+        return True
+
+    def _failed(self, folder: BatchFolder, summary: BatchSummary, video: PlannedVideo,
+                reason: tuple[str], started: float, job_id: str | None = None) -> None:  # fmt: skip
+        line = describe(video) | {"status": "failed", "error": reason[0], "job_id": job_id}
+        summary.failures.append((video.output, reason[0]))
+        folder.record(line, started, time.perf_counter())
+
+    def _cancel(self, flying: list[_InFlight]) -> None:
+        """Best effort: jobs nobody will download should not keep a GPU busy."""
+        for job in flying:
+            with contextlib.suppress(httpx.HTTPError):
+                self.client.delete(f"/jobs/{job.job_id}", timeout=5)
+
+
+def run_batch_on_server(
+    server: ServerOptions,
+    planned: list[PlannedVideo],
+    out: Path,
+    options: BatchOptions,
+    *,
+    progress: bool = True,
+) -> BatchSummary:
+    """Make every planned video not yet in ``out`` on the service at ``server.url``."""
+    runner = BatchOnServer(server)
+    try:
+        return runner.run(planned, out, options, progress=progress)
+    finally:
+        runner.client.close()

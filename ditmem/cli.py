@@ -234,7 +234,11 @@ def batch(
         else:
             summary = _batch_on_server(server, api_key, in_flight, preset, bank, device,
                                        planned, out, options)  # fmt: skip
-    rate = f", {summary.made / summary.seconds:.2f} videos/s" if summary.made else ""
+    rate = (
+        f", {summary.made / summary.making_s:.2f} videos/s over {summary.making_s:.1f} s"
+        if summary.made and summary.making_s
+        else ""
+    )
     typer.echo(
         f"{summary.made} made, {summary.skipped} already there, {summary.failed} failed "
         f"({len(planned)} planned) in {out}{rate}"

@@ -20,7 +20,7 @@ from model.errors import InvalidRequest
 from model.pipeline import CancelCheck, MemoryWanPipeline, ProgressCallback
 from model.preprocess import load_memory_clip
 from model.presets import Preset
-from model.sampling import PROFILES, Profile
+from model.profiles import PROFILES, Profile
 from model.tokens import ClipTokens
 
 MAX_PROMPT_CHARS = 2000

@@ -22,7 +22,8 @@ from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 from model.encoder import MemoryEncoder
 from model.errors import GenerationCancelled, InvalidRequest
 from model.injection import MemoryInjector, transformer_width
-from model.sampling import PROFILES, Profile, ReferenceFlowMatchScheduler
+from model.profiles import PROFILES, Profile
+from model.sampling import ReferenceFlowMatchScheduler
 from model.tokens import ClipTokens, MemoryTokens
 
 ProgressCallback = Callable[[int, int], None]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.errors import InvalidRequest
-from model.sampling import (
+from model.profiles import (
     REFERENCE_GUIDANCE_SCALE,
     REFERENCE_NEGATIVE_PROMPT,
     REFERENCE_STEPS,

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from model.profiles import REFERENCE_SEED
+
 Layout = Literal["plain", "phygenbench", "vbench"]
 PROMPT_COLUMNS = ("caption", "prompt", "text")
 NAME_COLUMNS = ("video", "video_path")
-REFERENCE_SEED = 42
 VBENCH_SAMPLES = 5
 
 

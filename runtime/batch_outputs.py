@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict
+from tqdm import tqdm
 
 from model.errors import InvalidClip
 from model.preprocess import probe_clip
-from model.sampling import Profile
+from model.profiles import Profile
 from runtime.batch import PlannedVideo
 
 RECORDS = "batch.jsonl"
@@ -54,11 +55,21 @@ class BatchSummary:
     made: int = 0
     skipped: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run, loading the model (or reaching the service) included
+    making_s: float = 0.0  # from the first video started to the last one placed
 
     @property
     def failed(self) -> int:
         return len(self.failures)
+
+
+def progress_bar(total: int, skipped: int, enabled: bool) -> tqdm:
+    return tqdm(total=total, initial=skipped, unit="video", disable=not enabled)
+
+
+def show(bar: tqdm, summary: BatchSummary) -> None:
+    """Done, skipped and failed beside the bar (it shows the rate and the time left)."""
+    bar.set_postfix(made=summary.made, skipped=summary.skipped, failed=summary.failed)
 
 
 def is_done(path: Path) -> bool:

@@ -21,13 +21,21 @@ from typing import Any
 import httpx
 
 from runtime.batch import PlannedVideo
-from runtime.batch_outputs import BatchFolder, BatchOptions, BatchSummary, describe, is_done
-from runtime.batch_runner import progress_bar, show
+from runtime.batch_outputs import (
+    BatchFolder,
+    BatchOptions,
+    BatchSummary,
+    describe,
+    is_done,
+    progress_bar,
+    show,
+)
 
 logger = logging.getLogger(__name__)
 
 FINISHED = frozenset({"succeeded", "failed", "canceled"})
 MAX_WAIT_S = 30.0  # the longest Retry-After honoured as it is
+FULL_SCAN_EVERY = 10  # polling rounds between two that ask about every job in flight
 
 
 class ServerError(RuntimeError):
@@ -157,6 +165,8 @@ class BatchOnServer:
         flying: list[_InFlight] = []
         window = max(1, self.options.in_flight)
         hold_until = 0.0
+        rounds = 0
+        first_started = time.perf_counter()
         with folder:
             try:
                 while waiting or flying:
@@ -174,11 +184,18 @@ class BatchOnServer:
                             waiting.popleft()
                             self._failed(folder, summary, video, outcome, time.perf_counter())
                             bar.update()
+                    rounds += 1
                     for job in list(flying):
-                        if self._settle(folder, summary, job):
+                        status = self._settle(folder, summary, job)
+                        if status is None:
                             flying.remove(job)
                             bar.update()
                             show(bar, summary)
+                        elif status == "queued" and rounds % FULL_SCAN_EVERY:
+                            # The queue is first in, first out: the jobs sent after a queued
+                            # one are queued too. Asking only up to it keeps the service's
+                            # load per client to the running jobs and one more.
+                            break
                     if flying or waiting:
                         time.sleep(self.options.poll_s)
                     if time.monotonic() >= hold_until and window < self.options.in_flight:
@@ -188,6 +205,7 @@ class BatchOnServer:
                 raise
             finally:
                 bar.close()
+        summary.making_s = time.perf_counter() - first_started
         summary.seconds = time.perf_counter() - began
         return summary
 
@@ -202,29 +220,32 @@ class BatchOnServer:
             return _retry_after(response, 5.0)
         return (_error_message(response),)
 
-    def _settle(self, folder: BatchFolder, summary: BatchSummary, job: _InFlight) -> bool:
-        """Check one job; place and record it once finished. True when it is done with."""
+    def _settle(self, folder: BatchFolder, summary: BatchSummary, job: _InFlight) -> str | None:
+        """Check one job; place and record it once finished.
+
+        Returns ``None`` when it is done with, else its status (``"unknown"``: not reachable).
+        """
         response = self._request("GET", f"/jobs/{job.job_id}")
         if response is None:
-            return False
+            return "unknown"
         if response.status_code == 404:
             self._failed(folder, summary, job.video, ("the job is gone from the service",),
                          job.started, job.job_id)  # fmt: skip
-            return True
+            return None
         record = response.json()
         if record["status"] not in FINISHED:
-            return False
+            return str(record["status"])
         if record["status"] != "succeeded":
             reason = record.get("error") or f"the job was {record['status']} on the service"
             self._failed(folder, summary, job.video, (reason,), job.started, job.job_id)
-            return True
+            return None
         scratch = folder.scratch(job.number)
         if not self._download(record["links"]["video"], scratch):
-            return False
+            return "unknown"
         if not is_done(scratch):
             self._failed(folder, summary, job.video, ("the downloaded video does not decode",),
                          job.started, job.job_id)  # fmt: skip
-            return True
+            return None
         folder.place(scratch, job.video)
         line = describe(job.video) | {
             "status": "succeeded",
@@ -238,7 +259,7 @@ class BatchOnServer:
         }
         summary.made += 1
         folder.record(line, job.started, time.perf_counter())
-        return True
+        return None
 
     def _download(self, link: str, target: Path) -> bool:
         try:

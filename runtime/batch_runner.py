@@ -10,24 +10,21 @@ import contextlib
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from memory_bank.errors import BankError
 from model.errors import ModelError
 from model.presets import get_preset
 from runtime.batch import PlannedVideo
-from runtime.batch_outputs import BatchFolder, BatchOptions, BatchSummary, describe
+from runtime.batch_outputs import (
+    BatchFolder,
+    BatchOptions,
+    BatchSummary,
+    describe,
+    progress_bar,
+    show,
+)
 from runtime.builders import load_pipeline_from, open_bank
 from runtime.generation import GenerationRequest, resolve_generation, run_generation
 from runtime.settings import Settings
-
-
-def progress_bar(total: int, skipped: int, enabled: bool) -> tqdm:
-    return tqdm(total=total, initial=skipped, unit="video", disable=not enabled)
-
-
-def show(bar: tqdm, summary: BatchSummary) -> None:
-    bar.set_postfix(made=summary.made, skipped=summary.skipped, failed=summary.failed)
 
 
 def run_batch(
@@ -53,6 +50,7 @@ def run_batch(
         pipe.set_progress_bar_config(disable=True)
         encoder_version = pipe.memory_encoder.fingerprint()
         resources.enter_context(folder)
+        first_started = time.perf_counter()
         for number, video in enumerate(todo):
             started = time.perf_counter()
             line = describe(video)
@@ -77,6 +75,7 @@ def run_batch(
             folder.record(line, started, time.perf_counter())
             bar.update()
             show(bar, summary)
+        summary.making_s = time.perf_counter() - first_started
     bar.close()
     summary.seconds = time.perf_counter() - began
     return summary

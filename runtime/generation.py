@@ -27,7 +27,7 @@ from model.generation import (
 )
 from model.pipeline import CancelCheck, MemoryWanPipeline, ProgressCallback
 from model.presets import Preset
-from model.sampling import Profile
+from model.profiles import Profile
 from model.tokens import ClipTokens
 from model.video_io import write_video
 from runtime.jobs import GenerateSpec, MemoryClipUsed

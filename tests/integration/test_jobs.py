@@ -219,3 +219,30 @@ def test_readyz_and_metrics_with_worker(idle_stack: Stack) -> None:
         ),
     }
     assert all(count >= 1 for count in measured.values()), measured
+
+
+def test_a_batch_on_the_celery_service(idle_stack: Stack, tmp_path: Path) -> None:
+    """``ditmem batch --server`` against an API on a socket whose jobs a Celery worker runs:
+    every video made by the worker, downloaded, placed and recorded with its job id."""
+    from ditmem.compose import build_app
+    from runtime.batch import plan, read_prompts
+    from runtime.batch_outputs import BatchOptions
+    from runtime.batch_remote import BatchOnServer, ServerOptions
+    from service.local_server import running_server
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\na blue ball\na green ball\n")
+    out = tmp_path / "out"
+    with running_server(build_app(idle_stack.env.settings())) as url:
+        runner = BatchOnServer(ServerOptions(url=url, in_flight=2, poll_s=0.05))
+        assert runner.check() == "tiny"
+        summary = runner.run(plan(read_prompts(prompts), "plain", seed=3), out,
+                             BatchOptions(steps=1), progress=False)  # fmt: skip
+        runner.client.close()
+    assert (summary.made, summary.failed) == (3, 0), summary.failures
+    lines = [json.loads(line) for line in (out / "batch.jsonl").read_text().splitlines()]
+    assert sorted(line["seed"] for line in lines) == [3, 4, 5]
+    for line in lines:
+        job = get_job(idle_stack.client, line["job_id"])
+        assert job["status"] == "succeeded" and job["params"]["seed"] == line["seed"]
+        assert read_video(out / line["output"]).shape[0] == TINY.num_frames

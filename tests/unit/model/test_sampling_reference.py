@@ -20,8 +20,8 @@ from model.errors import InvalidRequest
 from model.generation import GenerationParams
 from model.pipeline import MemoryWanPipeline
 from model.presets import TINY, WAN21_T2V_1_3B
+from model.profiles import REFERENCE_NEGATIVE_PROMPT
 from model.sampling import (
-    REFERENCE_NEGATIVE_PROMPT,
     ReferenceFlowMatchScheduler,
     as_dit_timesteps,
     reference_noise,

@@ -15,7 +15,10 @@ job over.
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
+import statistics
 import threading
 import time
 import uuid
@@ -40,6 +43,11 @@ ProgressReply = Literal["continue", "cancel", "lost"]
 JOB_FORMAT = 2  # version of the record layout; records of another version are refused
 # Workers announce themselves this often; one silent for WORKER_SILENT_S no longer counts as
 # ready (so /readyz turns 503 at most that long after the last worker died).
+logger = logging.getLogger(__name__)
+
+STEP_SAMPLES = 50  # generations whose step time the start estimates use
+MAX_AHEAD_READ = 1000  # queued jobs read to add up the steps ahead (beyond: counted, not read)
+EVERY_JOB = "*"  # a change of this id: changes may have been missed, re-read every job watched
 HEARTBEAT_S = 5.0
 WORKER_SILENT_S = 3 * HEARTBEAT_S
 
@@ -186,6 +194,8 @@ class JobRecord(BaseModel):
     worker: str | None = None
     lease_until: float | None = None  # epoch seconds; a running job past it has lost its worker
     attempts: int = Field(0, ge=0)
+    # Counts the stored changes of the record: the id of its events (``Last-Event-ID``).
+    revision: int = Field(0, ge=0)
 
     @classmethod
     def new(
@@ -281,12 +291,75 @@ def _finished(
     return with_changes(job, **changes)
 
 
+ChangeListener = Callable[["JobChange"], None]
+
+
+class JobChange(BaseModel):
+    """What a store announces after each stored change of a job (the record is read anew)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    revision: int
+    status: JobStatus
+    # The status changed (queued -> running, running -> succeeded, ...): the queue positions
+    # of the jobs behind it may have moved; a progress step moves none.
+    transition: bool
+
+
+def _queued_ahead(other: JobRecord, job: JobRecord) -> bool:
+    """``other`` is queued before ``job`` in the queue of their kind (first in, first out)."""
+    return (
+        other.status == "queued"
+        and other.kind == job.kind
+        and (other.created_at, other.job_id) < (job.created_at, job.job_id)
+    )
+
+
+def _steps_before(other: JobRecord, job: JobRecord) -> int:
+    if other.kind != "generate":
+        return 0
+    if other.status == "running":
+        return max(0, other.total_steps - other.step)
+    return other.total_steps if _queued_ahead(other, job) else 0
+
+
+def _revised(before: JobRecord, after: JobRecord) -> JobRecord:
+    """``after`` as the next revision of ``before`` (unchanged records keep theirs)."""
+    if after == before:
+        return after
+    return after.model_copy(update={"revision": before.revision + 1})
+
+
 class JobStore(ABC):
     """Persistence of job records; every operation is atomic.
 
     Claim, finish and cancel are written once, here, as the pure transitions above; each store
-    applies them with its own atomic read-modify-write, :meth:`_transform`.
+    applies them with its own atomic read-modify-write, :meth:`_transform`. Every stored change
+    is announced to the listeners of :meth:`subscribe`, in every process that subscribed.
     """
+
+    @abstractmethod
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        """Call ``listener`` after every stored change of any job (from another thread);
+        returns the function that stops it."""
+
+    @abstractmethod
+    def queue_position(self, job: JobRecord) -> int | None:
+        """How many jobs of its kind are queued ahead of a queued job (``None``: not queued)."""
+
+    @abstractmethod
+    def steps_ahead(self, job: JobRecord) -> int:
+        """Denoising steps the fleet has to run before a queued generation starts: those of
+        the generations queued ahead of it and what is left of the running ones."""
+
+    @abstractmethod
+    def record_step_seconds(self, seconds: float) -> None:
+        """Remember how long a step of a finished generation took (the estimates' basis)."""
+
+    @abstractmethod
+    def recent_step_seconds(self) -> float | None:
+        """The median step time of the last generations; ``None`` before the first."""
 
     @abstractmethod
     def create(self, job: JobRecord) -> JobRecord: ...
@@ -392,11 +465,43 @@ class MemoryJobStore(JobStore):
     def __init__(self) -> None:
         self._jobs: dict[str, JobRecord] = {}
         self._lock = threading.Lock()
+        self._listeners: list[ChangeListener] = []
+        self._step_seconds: collections.deque[float] = collections.deque(maxlen=STEP_SAMPLES)
+
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _announce(self, job: JobRecord, transition: bool) -> None:
+        change = JobChange(job_id=job.job_id, revision=job.revision, status=job.status,
+                           transition=transition)  # fmt: skip
+        for listener in list(self._listeners):
+            try:
+                listener(change)
+            except Exception:  # a listener's failure is its own; the write stands
+                logger.exception("job change listener failed")
 
     def create(self, job: JobRecord) -> JobRecord:
         with self._lock:
             self._jobs[job.job_id] = job
+        self._announce(job, transition=True)
         return job
+
+    def queue_position(self, job: JobRecord) -> int | None:
+        if job.status != "queued":
+            return None
+        with self._lock:
+            return sum(1 for other in self._jobs.values() if _queued_ahead(other, job))
+
+    def steps_ahead(self, job: JobRecord) -> int:
+        with self._lock:
+            return sum(_steps_before(other, job) for other in self._jobs.values())
+
+    def record_step_seconds(self, seconds: float) -> None:
+        self._step_seconds.append(seconds)
+
+    def recent_step_seconds(self) -> float | None:
+        return statistics.median(self._step_seconds) if self._step_seconds else None
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
@@ -427,9 +532,12 @@ class MemoryJobStore(JobStore):
             if job is None:
                 return None
             updated = change(job)
-            if updated is not None:
-                self._jobs[job_id] = updated
-            return updated
+            if updated is None:
+                return None
+            updated = self._jobs[job_id] = _revised(job, updated)
+        if updated.revision != job.revision:
+            self._announce(updated, transition=updated.status != job.status)
+        return updated
 
     def report_progress(
         self, job_id: str, attempt: int, step: int, total_steps: int, lease_s: float
@@ -438,14 +546,16 @@ class MemoryJobStore(JobStore):
             job = self._jobs.get(job_id)
             if job is None or not _owned(job, attempt):
                 return "lost"
-            self._jobs[job_id] = with_changes(
+            updated = self._jobs[job_id] = with_changes(
                 job,
                 step=step,
                 total_steps=total_steps,
                 progress=step / total_steps,
                 lease_until=time.time() + lease_s,
+                revision=job.revision + 1,
             )
-            return "cancel" if job.cancel_requested else "continue"
+        self._announce(updated, transition=False)
+        return "cancel" if job.cancel_requested else "continue"
 
     def ping(self) -> bool:
         return True
@@ -460,6 +570,9 @@ if redis.call('HGET', KEYS[1], 'status') ~= '"running"'
 end
 redis.call('HSET', KEYS[1], 'step', ARGV[2], 'total_steps', ARGV[3], 'progress', ARGV[4],
            'lease_until', ARGV[5])
+local revision = redis.call('HINCRBY', KEYS[1], 'revision', 1)
+redis.call('PUBLISH', KEYS[2], cjson.encode({job_id = ARGV[6], revision = revision,
+                                             status = 'running', transition = false}))
 if redis.call('HGET', KEYS[1], 'cancel_requested') == 'true' then
   return 'cancel'
 end
@@ -498,6 +611,30 @@ class RedisJobStore(JobStore):
     def _queued_key(self, owner: str) -> str:
         return f"{self.prefix}:v2:queued:{owner}"
 
+    def _queue_key(self, kind: str) -> str:
+        """Queued jobs of one kind in queue order (score: creation time)."""
+        return f"{self.prefix}:v2:queue:{kind}"
+
+    @property
+    def _changes_channel(self) -> str:
+        return f"{self.prefix}:v2:changes"
+
+    @property
+    def _step_seconds_key(self) -> str:
+        return f"{self.prefix}:v2:step_seconds"
+
+    def _track_queue(self, pipe: redis.client.Pipeline, job: JobRecord) -> None:
+        queue = self._queue_key(job.kind)
+        if job.status == "queued":
+            pipe.zadd(queue, {job.job_id: job.created_at.timestamp()})
+        else:
+            pipe.zrem(queue, job.job_id)
+
+    def _publish(self, pipe: redis.client.Pipeline, job: JobRecord, transition: bool) -> None:
+        change = JobChange(job_id=job.job_id, revision=job.revision, status=job.status,
+                           transition=transition)  # fmt: skip
+        pipe.publish(self._changes_channel, change.model_dump_json())
+
     @staticmethod
     def _encode(job: JobRecord) -> dict[str, str]:
         return {name: json.dumps(value) for name, value in job.model_dump(mode="json").items()}
@@ -519,6 +656,8 @@ class RedisJobStore(JobStore):
         pipe.zadd(self._owner_key(job.owner), {job.job_id: job.created_at.timestamp()})
         if job.status == "queued":
             pipe.sadd(self._queued_key(job.owner), job.job_id)
+        self._track_queue(pipe, job)
+        self._publish(pipe, job, transition=True)
         pipe.execute()
         return job
 
@@ -581,6 +720,8 @@ class RedisJobStore(JobStore):
                     if updated is None:
                         pipe.unwatch()
                         return None
+                    assert job is not None
+                    updated = _revised(job, updated)
                     pipe.multi()
                     pipe.hset(key, mapping=self._encode(updated))
                     queued, running = self._queued_key(updated.owner), self._running_key
@@ -592,6 +733,9 @@ class RedisJobStore(JobStore):
                         pipe.sadd(running, job_id)
                     else:
                         pipe.srem(running, job_id)
+                    self._track_queue(pipe, updated)
+                    if updated.revision != job.revision:
+                        self._publish(pipe, updated, transition=updated.status != job.status)
                     pipe.execute()
                     return updated
                 except redis.WatchError:
@@ -601,16 +745,89 @@ class RedisJobStore(JobStore):
         self, job_id: str, attempt: int, step: int, total_steps: int, lease_s: float
     ) -> ProgressReply:
         reply = self._progress(
-            keys=[self._key(job_id)],
+            keys=[self._key(job_id), self._changes_channel],
             args=[
                 json.dumps(attempt),
                 json.dumps(step),
                 json.dumps(total_steps),
                 json.dumps(step / total_steps),
                 json.dumps(time.time() + lease_s),
+                job_id,
             ],
         )
         return reply  # type: ignore[return-value]  # the script answers one of the three
+
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        """One subscription to the changes channel per call, on a thread of its own; after a
+        lost connection it subscribes again and announces :data:`EVERY_JOB`."""
+        stopping = threading.Event()
+
+        def listen() -> None:
+            first = True
+            while not stopping.is_set():
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                try:
+                    pubsub.subscribe(self._changes_channel)
+                    if not first:  # what changed while the connection was down is unknown
+                        listener(JobChange(job_id=EVERY_JOB, revision=0, status="queued",
+                                           transition=True))  # fmt: skip
+                    first = False
+                    while not stopping.is_set():
+                        message = pubsub.get_message(timeout=1.0)
+                        if message is not None:
+                            listener(JobChange.model_validate_json(message["data"]))
+                except redis.RedisError as error:
+                    logger.warning("job changes: %s; subscribing again", error)
+                    stopping.wait(1.0)
+                except Exception:
+                    logger.exception("job change listener failed")
+                finally:
+                    pubsub.close()
+
+        thread = threading.Thread(target=listen, name="ditmem-job-changes", daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            stopping.set()
+            thread.join(timeout=5)
+
+        return stop
+
+    def queue_position(self, job: JobRecord) -> int | None:
+        if job.status != "queued":
+            return None
+        return self.redis.zrank(self._queue_key(job.kind), job.job_id)
+
+    def steps_ahead(self, job: JobRecord) -> int:
+        ahead: list[str] = []
+        queue = self._queue_key("generate")
+        rank = self.redis.zrank(queue, job.job_id) if job.status == "queued" else None
+        if rank:
+            ahead = self.redis.zrange(queue, 0, min(rank, MAX_AHEAD_READ) - 1)
+        running = sorted(self.redis.smembers(self._running_key))
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ahead:
+            pipe.hget(self._key(job_id), "total_steps")
+        for job_id in running:
+            pipe.hmget(self._key(job_id), "total_steps", "step")
+        replies = pipe.execute()
+        queued_steps = sum(json.loads(total) for total in replies[: len(ahead)] if total)
+        running_steps = sum(
+            max(0, json.loads(total) - json.loads(step))
+            for total, step in replies[len(ahead) :]
+            if total and step
+        )
+        return queued_steps + running_steps
+
+    def record_step_seconds(self, seconds: float) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(self._step_seconds_key, repr(seconds))
+        pipe.ltrim(self._step_seconds_key, 0, STEP_SAMPLES - 1)
+        pipe.execute()
+
+    def recent_step_seconds(self) -> float | None:
+        samples = [float(value) for value in self.redis.lrange(self._step_seconds_key, 0, -1)]
+        return statistics.median(samples) if samples else None
 
     def ping(self) -> bool:
         try:

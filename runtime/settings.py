@@ -134,6 +134,9 @@ class Settings(BaseSettings):
         3 * 3600, gt=0, description="Celery redelivers unacknowledged tasks after this"
     )
     max_queued_per_key: int = Field(20, ge=1, description="queued jobs per API key before 429")
+    event_ping_s: float = Field(
+        15.0, gt=0, le=300, description="keep-alive comment interval of idle event streams"
+    )
     max_concurrent_uploads: int = Field(4, ge=1)
     worker_name: str | None = Field(None, description="worker name (default: host and pid)")
 

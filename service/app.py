@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from runtime.jobs import OutdatedJobRecord
 from runtime.settings import Settings
 from service.auth import AuthError
 from service.errors import ApiError, error_body, to_api_error
+from service.events import JobFeed
 from service.limits import BodySizeLimit, ConcurrencyLimit
 from service.routes import generations, health, jobs, memory, ui
 from service.security import RequestOrigin, SecurityHeaders
@@ -42,9 +44,12 @@ def create_app(settings: Settings, build_state: Callable[[Settings], AppState]) 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.ditmem = build_state(settings)
+        # The event streams' wake-ups, delivered onto this loop from the store's thread.
+        app.state.feed = JobFeed(app.state.ditmem.store, asyncio.get_running_loop())
         try:
             yield
         finally:
+            app.state.feed.close()
             current: AppState = app.state.ditmem
             for close in current.closers:
                 close()

@@ -11,6 +11,7 @@ from memory_bank.schemas import ClipRecord, SearchHit
 from model.generation import GenerationParams
 from runtime.generation import GenerationRequest
 from runtime.jobs import GenerateSpec, JobRecord, MemoryClipUsed
+from service.events import QueueInfo
 
 # The request body of POST /generate is the shared request model: the CLI builds the same one.
 GenerateRequest = GenerationRequest
@@ -61,10 +62,16 @@ class JobView(BaseModel):
     memory_used: list[MemoryClipUsed]
     result: dict[str, Any]
     error: str | None
+    queue_position: int | None = Field(
+        None, description="queued: how many jobs of its kind are ahead of it, fleet-wide"
+    )
+    estimated_start: datetime | None = Field(
+        None, description="queued: when it may start, from recent step times"
+    )
     links: JobLinks
 
     @classmethod
-    def of(cls, job: JobRecord) -> JobView:
+    def of(cls, job: JobRecord, queue: QueueInfo | None = None) -> JobView:
         base = f"/jobs/{job.job_id}"
         params = job.spec.params if isinstance(job.spec, GenerateSpec) else None
         # File names stay server-side; a client downloads through links.video.
@@ -87,6 +94,8 @@ class JobView(BaseModel):
             memory_used=list(job.memory_used),
             result=result,
             error=job.error,
+            queue_position=queue.position if queue else None,
+            estimated_start=queue.estimated_start if queue else None,
             links=JobLinks(
                 self=base, cancel=base, video=f"{base}/video" if job.kind == "generate" else None
             ),

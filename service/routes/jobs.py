@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
 
 from memory_bank.storage import ObjectMissing
 from runtime.jobs import GenerateResult, JobRecord
@@ -14,6 +18,7 @@ from service.auth import Caller
 from service.deps import CallerDep, Offset, StateDep
 from service.downloads import serve_object
 from service.errors import ApiError, JobNotFinished, JobNotFound
+from service.events import JobFeed, QueueInfo, event_data, event_name, queue_info
 from service.schemas import ErrorBody, JobPage, JobView
 from service.state import AppState
 
@@ -42,9 +47,67 @@ def list_jobs(
     return JobPage(items=[JobView.of(j) for j in jobs], total=total, offset=offset, limit=limit)
 
 
+def _with_queue(state: AppState, job: JobRecord) -> tuple[JobRecord, QueueInfo]:
+    if job.status != "queued":
+        return job, QueueInfo(None, None)
+    return job, queue_info(state.store, job, state.workers_ready())
+
+
 @router.get("/{job_id}", response_model=JobView, responses=NOT_FOUND)
 def get_job(job_id: str, caller: CallerDep, state: StateDep) -> JobView:
-    return JobView.of(_own_job(state, caller, job_id))
+    """A job's state; a queued one says how many jobs are ahead of it and when it may start."""
+    job, queue = _with_queue(state, _own_job(state, caller, job_id))
+    return JobView.of(job, queue)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}}}},
+)
+async def job_events(
+    job_id: str,
+    caller: CallerDep,
+    state: StateDep,
+    request: Request,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
+    """Server-Sent Events of the job: its current state first, then every change (``queued``
+    with the queue position, ``started``, ``progress``, ``succeeded``, ``failed``,
+    ``canceled``) until a final one. Event ids are the record's revisions: reconnecting with
+    ``Last-Event-ID`` skips what was already received. Comments keep an idle stream alive."""
+    await run_in_threadpool(_own_job, state, caller, job_id)
+    feed: JobFeed = request.app.state.feed
+    try:
+        seen = int(last_event_id) if last_event_id else -1
+    except ValueError:
+        seen = -1
+    return EventSourceResponse(_events(state, feed, job_id, seen), ping=state.settings.event_ping_s)
+
+
+async def _events(
+    state: AppState, feed: JobFeed, job_id: str, seen: int
+) -> AsyncIterator[ServerSentEvent]:
+    position: int | None = None
+    with feed.watch(job_id) as watch:
+        while True:
+            watch.changed.clear()
+            job = await run_in_threadpool(state.store.get, job_id)
+            if job is None:  # expired from the store while streamed
+                return
+            job, queue = await run_in_threadpool(_with_queue, state, job)
+            watch.queued = job.status == "queued"
+            moved = watch.queued and queue.position != position
+            if job.revision > seen or moved:
+                yield ServerSentEvent(
+                    data=json.dumps(event_data(job, queue)),
+                    event=event_name(job),
+                    id=str(job.revision),
+                )
+                seen, position = job.revision, queue.position
+            if job.finished:
+                return
+            await watch.changed.wait()
 
 
 @router.delete("/{job_id}", response_model=JobView, responses=NOT_FOUND)

@@ -4,6 +4,8 @@ per progress report, and the refusal of records written by the previous format."
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -111,3 +113,48 @@ def test_the_api_answers_410_for_a_record_of_the_previous_format(tmp_path):
             assert client.get(f"/jobs/{uuid.uuid4().hex}").status_code == 404
     finally:
         env.redis().delete(f"ditmem:job:{job_id}")
+
+
+def test_every_stored_change_is_a_new_revision_announced_on_the_channel(store: RedisJobStore):
+    seen: list = []
+    arrived = threading.Event()
+
+    def listen(change) -> None:
+        seen.append(change)
+        if change.status == "succeeded":
+            arrived.set()
+
+    stop = store.subscribe(listen)
+    try:
+        time.sleep(0.3)  # the subscription is in place
+        job = store.create(queued_job())
+        claimed = store.claim(job.job_id, "w1", 30)
+        assert claimed.revision == 1
+        assert store.report_progress(job.job_id, 1, 1, 4, 30) == "continue"
+        assert store.get(job.job_id).revision == 2
+        done = store.finish(job.job_id, 1, "succeeded")
+        assert done.revision == 3
+        assert arrived.wait(5), seen
+    finally:
+        stop()
+    mine = [c for c in seen if c.job_id == job.job_id]
+    assert [(c.revision, c.status, c.transition) for c in mine] == [
+        (0, "queued", True), (1, "running", True), (2, "running", False), (3, "succeeded", True),
+    ]  # fmt: skip
+
+
+def test_queue_positions_and_steps_ahead_are_fleet_wide(store: RedisJobStore):
+    first, second, third = (store.create(queued_job(owner)) for owner in ("a", "b", "a"))
+    assert [store.queue_position(j) for j in (first, second, third)] == [0, 1, 2]
+    # Steps ahead of the third: both queued before it (4 each).
+    assert store.steps_ahead(third) == 8
+    running = store.claim(first.job_id, "w1", 30)
+    store.report_progress(first.job_id, running.attempts, 1, 4, 30)
+    third = store.get(third.job_id)
+    assert store.queue_position(store.get(second.job_id)) == 0
+    assert store.queue_position(third) == 1 and store.queue_position(running) is None
+    assert store.steps_ahead(third) == 4 + 3  # the second's 4, and what the first has left
+    assert store.recent_step_seconds() is None
+    for seconds in (0.5, 0.1, 0.2):
+        store.record_step_seconds(seconds)
+    assert store.recent_step_seconds() == 0.2

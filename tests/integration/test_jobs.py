@@ -246,3 +246,26 @@ def test_a_batch_on_the_celery_service(idle_stack: Stack, tmp_path: Path) -> Non
         job = get_job(idle_stack.client, line["job_id"])
         assert job["status"] == "succeeded" and job["params"]["seed"] == line["seed"]
         assert read_video(out / line["output"]).shape[0] == TINY.num_frames
+
+
+def test_a_jobs_events_stream_from_the_worker_through_redis(idle_stack: Stack) -> None:
+    """The event stream of a job a worker subprocess runs: every step it reports reaches the
+    API's stream by Redis pub/sub, and the stream ends with the final event."""
+    import httpx
+    from httpx_sse import connect_sse
+
+    from ditmem.compose import build_app
+    from service.local_server import running_server
+
+    settings = idle_stack.env.settings()
+    with running_server(build_app(settings)) as url, httpx.Client(base_url=url) as client:
+        body = {"prompt": "a red ball", "steps": 4, "memory": {"k": 0}}
+        job_id = client.post("/generate", json=body).json()["id"]
+        with connect_sse(client, "GET", f"/jobs/{job_id}/events", timeout=60) as source:
+            stream = [event for event in source.iter_sse() if event.data]
+    names = [event.event for event in stream]
+    assert names[-1] == "succeeded", names
+    assert names.count("progress") >= 1 and set(names) <= {"queued", "started", "progress",
+                                                           "succeeded"}  # fmt: skip
+    steps = [json.loads(event.data)["step"] for event in stream if event.event == "progress"]
+    assert steps == sorted(steps) and steps[-1] == 4

@@ -25,6 +25,7 @@ from runtime.builders import (
 )
 from runtime.celery_app import make_celery
 from runtime.dispatch import CeleryDispatcher, EmbeddedDispatcher
+from runtime.idempotency import MemoryIdempotencyKeys, RedisIdempotencyKeys
 from runtime.jobs import JobStore, MemoryJobStore, RedisJobStore
 from runtime.metrics import LocalMetrics, MetricsSink, RedisMetrics
 from runtime.reaper import LeaseReaper
@@ -97,6 +98,7 @@ def build_api_state(settings: Settings) -> AppState:
             mode="celery",
             metrics=RedisMetrics(store.redis),
             workers_ready=lambda: len(store.workers_ready()),
+            idempotency=RedisIdempotencyKeys(store.redis),
             closers=[reaper.stop],
         )
     memory_store, metrics = MemoryJobStore(), LocalMetrics()
@@ -114,6 +116,7 @@ def build_api_state(settings: Settings) -> AppState:
         mode="embedded",
         metrics=metrics,
         workers_ready=lambda: 1,
+        idempotency=MemoryIdempotencyKeys(),
         closers=[worker.stop],
     )
 

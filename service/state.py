@@ -9,6 +9,7 @@ from typing import Literal
 from memory_bank.bank import MemoryBank
 from runtime.builders import Storages
 from runtime.dispatch import Dispatcher
+from runtime.idempotency import IdempotencyKeys
 from runtime.jobs import JobStore
 from runtime.metrics import MetricsSink
 from runtime.settings import Settings
@@ -24,4 +25,5 @@ class AppState:
     mode: Literal["celery", "embedded"]
     metrics: MetricsSink
     workers_ready: Callable[[], int]  # workers with a loaded model that can take jobs now
+    idempotency: IdempotencyKeys
     closers: list[Callable[[], None]] = field(default_factory=list)

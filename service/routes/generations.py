@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 
 from model.presets import get_preset
 from runtime.generation import resolve_generation
 from runtime.jobs import JobRecord
 from service.deps import BankDep, CallerDep, StateDep, ensure_queue_room
+from service.idempotency import IdempotencyKeyHeader, fingerprint, idempotent_submission
 from service.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView
 
 router = APIRouter(tags=["generate"])
@@ -17,10 +18,19 @@ router = APIRouter(tags=["generate"])
     "/generate",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobAccepted,
-    responses={422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 404: {"model": ErrorBody}},
-)
+    responses={
+        200: {"model": JobAccepted, "description": "the job of an earlier identical request"},
+        404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody},
+        429: {"model": ErrorBody},
+    },
+)  # fmt: skip
 def submit_generation(
-    request: GenerateRequest, caller: CallerDep, state: StateDep, bank: BankDep
+    request: GenerateRequest,
+    caller: CallerDep,
+    state: StateDep,
+    bank: BankDep,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobAccepted:
     """Queue one video. Poll ``links.self``; download ``links.video`` once it succeeded.
 
@@ -28,9 +38,16 @@ def submit_generation(
     fail now, the seed is drawn now, and the memory clips are chosen now (``memory_used`` of
     the job lists them from the start).
     """
-    ensure_queue_room(state, caller)
-    spec = resolve_generation(request, get_preset(state.settings.preset), bank, state.metrics)
-    job = state.store.create(JobRecord.new(caller.name, spec))
-    state.dispatcher.submit(job)
-    state.metrics.increment("jobs_submitted_total", "generate")
+    digest = fingerprint("generate", request.model_dump(mode="json"))
+    with idempotent_submission(state, caller, idempotency_key, digest, response) as submission:
+        if submission.replayed is not None:
+            job = submission.replayed
+        else:
+            ensure_queue_room(state, caller)
+            preset = get_preset(state.settings.preset)
+            spec = resolve_generation(request, preset, bank, state.metrics)
+            job = state.store.create(JobRecord.new(caller.name, spec))
+            state.dispatcher.submit(job)
+            submission.made(job)
+            state.metrics.increment("jobs_submitted_total", "generate")
     return JobAccepted(id=job.job_id, status=job.status, links=JobView.of(job).links)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import hashlib
 import time
 import uuid
 from functools import partial
@@ -21,6 +21,7 @@ from model.preprocess import probe_clip
 from runtime.jobs import ImportSpec, IngestSpec, JobRecord
 from service.deps import BankDep, CallerDep, ClipId, StateDep, WriterDep, ensure_queue_room
 from service.errors import ApiError
+from service.idempotency import IdempotencyKeyHeader, fingerprint, idempotent_submission
 from service.schemas import (
     ClipView,
     ClipViewPage,
@@ -30,6 +31,7 @@ from service.schemas import (
     JobView,
     SearchResult,
 )
+from service.state import AppState
 
 router = APIRouter(prefix="/memory", tags=["memory"])
 
@@ -44,9 +46,14 @@ NOT_VIDEO_PREFIXES = (
 )
 
 
-def _save_upload(source: BinaryIO, target: Path) -> None:
+def _save_upload(source: BinaryIO, target: Path) -> str:
+    """Copy the upload to ``target``; the SHA-256 of its bytes (an idempotent retry's proof)."""
+    digest = hashlib.sha256()
     with open(target, "wb") as handle:
-        shutil.copyfileobj(source, handle, 1 << 20)
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+            handle.write(chunk)
+    return digest.hexdigest()
 
 
 def _display_name(filename: str | None) -> str:
@@ -65,14 +72,20 @@ def _view(record: ClipRecord) -> ClipView:
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobAccepted,
-    responses={413: {"model": ErrorBody}, 415: {"model": ErrorBody}, 422: {"model": ErrorBody}},
-)
+    responses={
+        200: {"model": JobAccepted, "description": "the job of an earlier identical upload"},
+        409: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody},
+        422: {"model": ErrorBody},
+    },
+)  # fmt: skip
 async def upload_clip(
     file: Annotated[UploadFile, File(description="A video: mp4, webm, mov, mkv, gif, ...")],
     caption: Annotated[str, Form(min_length=1, max_length=MAX_CAPTION_CHARS)],
     caller: WriterDep,
     state: StateDep,
+    response: Response,
     tags: Annotated[str, Form(description="Comma-separated tags")] = "",
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobAccepted:
     """Store the upload and queue its ingest; poll the returned job for the clip id."""
     content_type = (file.content_type or "").lower()
@@ -92,7 +105,7 @@ async def upload_clip(
     upload = state.settings.uploads_dir / f".{key}.part"
     try:
         # Saving, probing and storing block on disk, decoding and network: off the event loop.
-        await run_in_threadpool(_save_upload, file.file, upload)
+        content = await run_in_threadpool(_save_upload, file.file, upload)
         # Probing reads headers and one frame: cheap enough to answer "not a video" right away,
         # and it refuses still images and oversize frames before decoding anything.
         settings = state.settings
@@ -104,7 +117,14 @@ async def upload_clip(
                 max_height=settings.max_clip_height,
             )
         )
-        await run_in_threadpool(state.storages.uploads.put_file, key, upload, move=True)
+        digest = fingerprint("memory", content, caption.strip(), tag_list, name)
+        with idempotent_submission(state, caller, idempotency_key, digest, response) as submission:
+            if submission.replayed is not None:  # this upload is already queued: keep that one
+                job = submission.replayed
+                return JobAccepted(id=job.job_id, status=job.status, links=JobView.of(job).links)
+            await run_in_threadpool(state.storages.uploads.put_file, key, upload, move=True)
+            job = _queue_ingest(state, caller.name, key, caption, tag_list, name, job_id)
+            submission.made(job)
     except StillImage as error:
         message = str(error).replace(str(upload), name)
         raise ApiError(415, "unsupported_media_type", f"{message}; upload a video") from None
@@ -112,22 +132,25 @@ async def upload_clip(
         raise ClipRejected(str(error).replace(str(upload), name)) from None
     finally:
         upload.unlink(missing_ok=True)
+    state.metrics.increment("jobs_submitted_total", "ingest")
+    return JobAccepted(id=job.job_id, status=job.status, links=JobView.of(job).links)
+
+
+def _queue_ingest(
+    state: AppState, owner: str, key: str, caption: str, tags: tuple[str, ...], name: str,
+    job_id: str,
+) -> JobRecord:  # fmt: skip
     spec = IngestSpec(
-        upload_key=key,
-        caption=caption.strip(),
-        tags=tag_list,
-        source_name=name,
-        uploader=caller.name,
+        upload_key=key, caption=caption.strip(), tags=tags, source_name=name, uploader=owner
     )
-    job = JobRecord.new(caller.name, spec, job_id=job_id)
+    job = JobRecord.new(owner, spec, job_id=job_id)
     try:
         state.store.create(job)
         state.dispatcher.submit(job)
     except BaseException:  # no job will ever ingest it
-        await run_in_threadpool(state.storages.uploads.delete, key)
+        state.storages.uploads.delete(key)
         raise
-    state.metrics.increment("jobs_submitted_total", "ingest")
-    return JobAccepted(id=job.job_id, status=job.status, links=JobView.of(job).links)
+    return job
 
 
 @router.post(

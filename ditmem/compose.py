@@ -10,6 +10,7 @@ runtime into what ``ditmem serve``, ``ditmem worker`` and ``ditmem demo`` run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
@@ -31,6 +32,7 @@ from runtime.metrics import LocalMetrics, MetricsSink, RedisMetrics
 from runtime.reaper import LeaseReaper
 from runtime.settings import Settings
 from runtime.uploads import sweep_uploads
+from runtime.webhooks import WebhookSender
 from service.app import create_app
 from service.state import AppState
 from worker.embedded import EmbeddedWorker
@@ -77,6 +79,13 @@ def build_runner(
     )
 
 
+def _webhook_sender(store: JobStore, settings: Settings) -> list[Callable[[], None]]:
+    """The outbox's sender of this API process (none without a signing secret)."""
+    if settings.webhook_secret is None:
+        return []
+    return [WebhookSender(store, settings).start().stop]
+
+
 def build_api_state(settings: Settings) -> AppState:
     """Job store, dispatcher, bank and metrics of the API process (and, embedded, its worker)."""
     settings.results_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +108,7 @@ def build_api_state(settings: Settings) -> AppState:
             metrics=RedisMetrics(store.redis),
             workers_ready=lambda: len(store.workers_ready()),
             idempotency=RedisIdempotencyKeys(store.redis),
-            closers=[reaper.stop],
+            closers=[reaper.stop, *_webhook_sender(store, settings)],
         )
     memory_store, metrics = MemoryJobStore(), LocalMetrics()
     # Embedded jobs live in this process: every upload left by an earlier one is an orphan.
@@ -117,7 +126,8 @@ def build_api_state(settings: Settings) -> AppState:
         metrics=metrics,
         workers_ready=lambda: 1,
         idempotency=MemoryIdempotencyKeys(),
-        closers=[worker.stop],
+        # The worker first: its last job's webhook is due by the time the sender stops.
+        closers=[worker.stop, *_webhook_sender(memory_store, settings)],
     )
 
 

@@ -36,6 +36,8 @@ JobKind = Literal["generate", "ingest", "import"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 FinalStatus = Literal["succeeded", "failed", "canceled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+WebhookEvent = Literal["started", "succeeded", "failed", "canceled"]
+DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("succeeded", "failed", "canceled")
 # What a progress report tells the worker: go on, stop (cancel requested), or stop without
 # writing anything more (another attempt owns the job now).
 ProgressReply = Literal["continue", "cancel", "lost"]
@@ -172,6 +174,28 @@ JobSpec = Annotated[GenerateSpec | IngestSpec | ImportSpec, Field(discriminator=
 JobResult = Annotated[GenerateResult | IngestResult | ImportResult, Field(discriminator="kind")]
 
 
+class WebhookTarget(BaseModel):
+    """Where a job's events are delivered (validated by the API when it accepted the job)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str
+    events: tuple[WebhookEvent, ...] = DEFAULT_WEBHOOK_EVENTS
+
+
+class WebhookDelivery(BaseModel):
+    """How the delivery of one event of a job went so far."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    attempts: int = 0
+    last_status: int | None = None  # the receiver's HTTP status of the last attempt
+    last_error: str | None = None  # why the last attempt failed (timeout, refused, 500, ...)
+    first_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    state: Literal["pending", "delivered", "gave_up"] = "pending"
+
+
 class JobRecord(BaseModel):
     """Everything known about one job."""
 
@@ -196,6 +220,8 @@ class JobRecord(BaseModel):
     attempts: int = Field(0, ge=0)
     # Counts the stored changes of the record: the id of its events (``Last-Event-ID``).
     revision: int = Field(0, ge=0)
+    webhook: WebhookTarget | None = None
+    webhook_deliveries: dict[WebhookEvent, WebhookDelivery] = Field(default_factory=dict)
 
     @classmethod
     def new(
@@ -325,10 +351,22 @@ def _steps_before(other: JobRecord, job: JobRecord) -> int:
 
 
 def _revised(before: JobRecord, after: JobRecord) -> JobRecord:
-    """``after`` as the next revision of ``before`` (unchanged records keep theirs)."""
-    if after == before:
+    """``after`` as the next revision of ``before``. Records whose job did not change keep
+    theirs: the state of a webhook's delivery is no event of the job."""
+    if after.model_copy(update={"webhook_deliveries": before.webhook_deliveries}) == before:
         return after
     return after.model_copy(update={"revision": before.revision + 1})
+
+
+def webhook_due(before: JobRecord | None, after: JobRecord) -> str | None:
+    """The delivery id (``<job>.<revision>.<event>``) of the event that ``after`` reached, if
+    its webhook wants it; ``None`` when no delivery is due."""
+    if after.webhook is None or (before is not None and before.status == after.status):
+        return None
+    event = "started" if after.status == "running" else after.status
+    if event not in after.webhook.events:
+        return None
+    return f"{after.job_id}.{after.revision}.{event}"
 
 
 class JobStore(ABC):
@@ -352,6 +390,24 @@ class JobStore(ABC):
     def steps_ahead(self, job: JobRecord) -> int:
         """Denoising steps the fleet has to run before a queued generation starts: those of
         the generations queued ahead of it and what is left of the running ones."""
+
+    # -- the webhook outbox: deliveries due, written with the transition that made them due --
+
+    @abstractmethod
+    def claim_delivery(self, lease_s: float) -> str | None:
+        """The id of a delivery due now, held for ``lease_s`` (then due again: a sender that
+        died mid-delivery loses nothing); ``None`` when none is due."""
+
+    @abstractmethod
+    def schedule_delivery(self, delivery_id: str, due_at: float) -> None:
+        """Make a delivery due at ``due_at`` (epoch seconds): a retry."""
+
+    @abstractmethod
+    def drop_delivery(self, delivery_id: str) -> None:
+        """Delivered, or given up."""
+
+    @abstractmethod
+    def pending_deliveries(self) -> int: ...
 
     @abstractmethod
     def record_step_seconds(self, seconds: float) -> None:
@@ -467,6 +523,7 @@ class MemoryJobStore(JobStore):
         self._lock = threading.Lock()
         self._listeners: list[ChangeListener] = []
         self._step_seconds: collections.deque[float] = collections.deque(maxlen=STEP_SAMPLES)
+        self._outbox: dict[str, float] = {}  # delivery id -> due at
 
     def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
         self._listeners.append(listener)
@@ -496,6 +553,28 @@ class MemoryJobStore(JobStore):
     def steps_ahead(self, job: JobRecord) -> int:
         with self._lock:
             return sum(_steps_before(other, job) for other in self._jobs.values())
+
+    def claim_delivery(self, lease_s: float) -> str | None:
+        at = time.time()
+        with self._lock:
+            due = [(when, delivery) for delivery, when in self._outbox.items() if when <= at]
+            if not due:
+                return None
+            delivery = min(due)[1]
+            self._outbox[delivery] = at + lease_s
+            return delivery
+
+    def schedule_delivery(self, delivery_id: str, due_at: float) -> None:
+        with self._lock:
+            self._outbox[delivery_id] = due_at
+
+    def drop_delivery(self, delivery_id: str) -> None:
+        with self._lock:
+            self._outbox.pop(delivery_id, None)
+
+    def pending_deliveries(self) -> int:
+        with self._lock:
+            return len(self._outbox)
 
     def record_step_seconds(self, seconds: float) -> None:
         self._step_seconds.append(seconds)
@@ -535,6 +614,9 @@ class MemoryJobStore(JobStore):
             if updated is None:
                 return None
             updated = self._jobs[job_id] = _revised(job, updated)
+            due = webhook_due(job, updated)
+            if due is not None:
+                self._outbox[due] = time.time()
         if updated.revision != job.revision:
             self._announce(updated, transition=updated.status != job.status)
         return updated
@@ -560,6 +642,16 @@ class MemoryJobStore(JobStore):
     def ping(self) -> bool:
         return True
 
+
+# The first delivery due, held for a lease (its score moved past now), atomically: one sender.
+_CLAIM_DELIVERY_SCRIPT = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+if #due == 0 then
+  return false
+end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[2], due[1])
+return due[1]
+"""
 
 # Renews the lease and records the step only while the attempt holds the job, and answers with
 # the cancel flag: one round trip per denoising step. Fields hold JSON values.
@@ -597,6 +689,7 @@ class RedisJobStore(JobStore):
         self.prefix = prefix
         self.ttl_s = ttl_s
         self._progress = self.redis.register_script(_PROGRESS_SCRIPT)
+        self._claim_delivery = self.redis.register_script(_CLAIM_DELIVERY_SCRIPT)
 
     @property
     def _running_key(self) -> str:
@@ -618,6 +711,10 @@ class RedisJobStore(JobStore):
     @property
     def _changes_channel(self) -> str:
         return f"{self.prefix}:v2:changes"
+
+    @property
+    def _outbox_key(self) -> str:
+        return f"{self.prefix}:v2:webhooks:due"
 
     @property
     def _step_seconds_key(self) -> str:
@@ -734,6 +831,9 @@ class RedisJobStore(JobStore):
                     else:
                         pipe.srem(running, job_id)
                     self._track_queue(pipe, updated)
+                    due = webhook_due(job, updated)
+                    if due is not None:
+                        pipe.zadd(self._outbox_key, {due: time.time()})
                     if updated.revision != job.revision:
                         self._publish(pipe, updated, transition=updated.status != job.status)
                     pipe.execute()
@@ -818,6 +918,19 @@ class RedisJobStore(JobStore):
             if total and step
         )
         return queued_steps + running_steps
+
+    def claim_delivery(self, lease_s: float) -> str | None:
+        at = time.time()
+        return self._claim_delivery(keys=[self._outbox_key], args=[at, at + lease_s]) or None
+
+    def schedule_delivery(self, delivery_id: str, due_at: float) -> None:
+        self.redis.zadd(self._outbox_key, {delivery_id: due_at})
+
+    def drop_delivery(self, delivery_id: str) -> None:
+        self.redis.zrem(self._outbox_key, delivery_id)
+
+    def pending_deliveries(self) -> int:
+        return self.redis.zcard(self._outbox_key)
 
     def record_step_seconds(self, seconds: float) -> None:
         pipe = self.redis.pipeline(transaction=False)

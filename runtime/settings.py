@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import logging
 import os
@@ -10,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from memory_bank.errors import BankCorrupt
@@ -134,6 +136,24 @@ class Settings(BaseSettings):
         3 * 3600, gt=0, description="Celery redelivers unacknowledged tasks after this"
     )
     max_queued_per_key: int = Field(20, ge=1, description="queued jobs per API key before 429")
+    webhook_secret: SecretStr | None = Field(
+        None, description="signs webhook deliveries (Standard Webhooks, whsec_<base64>)"
+    )
+    webhook_allow_private: bool = Field(
+        False, description="let webhooks reach private, loopback and link-local addresses"
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="per delivery attempt")
+    webhook_retry_for_s: float = Field(
+        3600.0, gt=0, description="how long a failing delivery is retried before giving up"
+    )
+    webhook_backoff_s: float = Field(2.0, gt=0, description="the first retry's delay (doubles)")
+    webhook_backoff_max_s: float = Field(300.0, gt=0, description="the longest retry delay")
+    webhook_poll_s: float = Field(0.5, gt=0, le=60, description="outbox check when idle")
+    public_url: str | None = Field(
+        None,
+        description="the API's external base URL (https://api.example.com): webhook payloads "
+        "carry absolute links with it",
+    )
     event_ping_s: float = Field(
         15.0, gt=0, le=300, description="keep-alive comment interval of idle event streams"
     )
@@ -179,6 +199,21 @@ class Settings(BaseSettings):
                 "(local weights; nothing is downloaded)"
             )
         return self
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_format(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is None:
+            return None
+        value = secret.get_secret_value()
+        body = value.removeprefix("whsec_")
+        try:
+            raw = base64.b64decode(body + "==", validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if not value.startswith("whsec_") or len(raw) < 16:
+            raise ValueError("must be whsec_ followed by base64 of at least 16 random bytes")
+        return secret
 
     @field_validator("storage_url")
     @classmethod

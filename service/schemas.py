@@ -10,11 +10,37 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from memory_bank.schemas import ClipRecord, SearchHit
 from model.generation import GenerationParams
 from runtime.generation import GenerationRequest
-from runtime.jobs import GenerateSpec, JobRecord, MemoryClipUsed
-from service.events import QueueInfo
+from runtime.job_events import QueueInfo
+from runtime.jobs import (
+    DEFAULT_WEBHOOK_EVENTS,
+    GenerateSpec,
+    JobRecord,
+    MemoryClipUsed,
+    WebhookDelivery,
+    WebhookEvent,
+)
+from runtime.webhooks import MAX_URL_CHARS
 
-# The request body of POST /generate is the shared request model: the CLI builds the same one.
-GenerateRequest = GenerationRequest
+
+class WebhookRequest(BaseModel):
+    """Where to POST the job's events (signed, retried; see ``runtime.webhooks``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=MAX_URL_CHARS, description="http(s) receiver")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS), min_length=1, max_length=4
+    )
+
+
+class GenerateRequest(GenerationRequest):
+    """The body of POST /generate: the shared request model (the CLI builds the same one) and
+    what only a service job has."""
+
+    webhook: WebhookRequest | None = None
+
+    def generation(self) -> GenerationRequest:
+        return GenerationRequest.model_validate(self.model_dump(exclude={"webhook"}))
 
 
 class JobLinks(BaseModel):
@@ -68,6 +94,9 @@ class JobView(BaseModel):
     estimated_start: datetime | None = Field(
         None, description="queued: when it may start, from recent step times"
     )
+    webhook_deliveries: dict[str, WebhookDelivery] = Field(
+        default_factory=dict, description="per event: attempts, last status code, state"
+    )
     links: JobLinks
 
     @classmethod
@@ -96,6 +125,7 @@ class JobView(BaseModel):
             error=job.error,
             queue_position=queue.position if queue else None,
             estimated_start=queue.estimated_start if queue else None,
+            webhook_deliveries=dict(job.webhook_deliveries),
             links=JobLinks(
                 self=base, cancel=base, video=f"{base}/video" if job.kind == "generate" else None
             ),

@@ -10,6 +10,7 @@ from runtime.jobs import JobRecord
 from service.deps import BankDep, CallerDep, StateDep, ensure_queue_room
 from service.idempotency import IdempotencyKeyHeader, fingerprint, idempotent_submission
 from service.schemas import ErrorBody, GenerateRequest, JobAccepted, JobView
+from service.webhooks import accepted_webhook
 
 router = APIRouter(tags=["generate"])
 
@@ -44,9 +45,10 @@ def submit_generation(
             job = submission.replayed
         else:
             ensure_queue_room(state, caller)
+            webhook = accepted_webhook(state, request.webhook)
             preset = get_preset(state.settings.preset)
-            spec = resolve_generation(request, preset, bank, state.metrics)
-            job = state.store.create(JobRecord.new(caller.name, spec))
+            spec = resolve_generation(request.generation(), preset, bank, state.metrics)
+            job = state.store.create(JobRecord.new(caller.name, spec, webhook=webhook))
             state.dispatcher.submit(job)
             submission.made(job)
             state.metrics.increment("jobs_submitted_total", "generate")

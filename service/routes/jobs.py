@@ -12,13 +12,14 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from memory_bank.storage import ObjectMissing
+from runtime.job_events import QueueInfo, event_data, event_name, queue_info
 from runtime.jobs import GenerateResult, JobRecord
 from runtime.uploads import discard_upload
 from service.auth import Caller
 from service.deps import CallerDep, Offset, StateDep
 from service.downloads import serve_object
 from service.errors import ApiError, JobNotFinished, JobNotFound
-from service.events import JobFeed, QueueInfo, event_data, event_name, queue_info
+from service.events import JobFeed
 from service.schemas import ErrorBody, JobPage, JobView
 from service.state import AppState
 

@@ -12,13 +12,14 @@ from typing import Annotated, BinaryIO
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
+from pydantic import ValidationError
 
 from memory_bank.errors import ClipRejected
 from memory_bank.ingest import MAX_CAPTION_CHARS, clean_tags
 from memory_bank.schemas import ClipRecord
 from model.errors import InvalidClip, StillImage
 from model.preprocess import probe_clip
-from runtime.jobs import ImportSpec, IngestSpec, JobRecord
+from runtime.jobs import ImportSpec, IngestSpec, JobRecord, WebhookTarget
 from service.deps import BankDep, CallerDep, ClipId, StateDep, WriterDep, ensure_queue_room
 from service.errors import ApiError
 from service.idempotency import IdempotencyKeyHeader, fingerprint, idempotent_submission
@@ -30,8 +31,10 @@ from service.schemas import (
     JobAccepted,
     JobView,
     SearchResult,
+    WebhookRequest,
 )
 from service.state import AppState
+from service.webhooks import accepted_webhook
 
 router = APIRouter(prefix="/memory", tags=["memory"])
 
@@ -85,9 +88,13 @@ async def upload_clip(
     state: StateDep,
     response: Response,
     tags: Annotated[str, Form(description="Comma-separated tags")] = "",
+    webhook: Annotated[
+        str, Form(description='JSON {"url": ..., "events": [...]}: where to POST its events')
+    ] = "",
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobAccepted:
-    """Store the upload and queue its ingest; poll the returned job for the clip id."""
+    """Store the upload and queue its ingest; poll the returned job (or stream its events)
+    for the clip id."""
     content_type = (file.content_type or "").lower()
     if content_type.startswith(NOT_VIDEO_PREFIXES):
         raise ApiError(415, "unsupported_media_type", f"{content_type} is not a video")
@@ -96,6 +103,7 @@ async def upload_clip(
             422, "validation_error", "caption: must not be blank", [{"field": "caption"}]
         )
     tag_list = tuple(clean_tags(tags.split(",")))
+    target = await run_in_threadpool(accepted_webhook, state, _webhook_form(webhook))
     name = _display_name(file.filename)
     job_id = uuid.uuid4().hex
     suffix = Path(name).suffix.lower()[:8] or ".bin"
@@ -117,13 +125,13 @@ async def upload_clip(
                 max_height=settings.max_clip_height,
             )
         )
-        digest = fingerprint("memory", content, caption.strip(), tag_list, name)
+        digest = fingerprint("memory", content, caption.strip(), tag_list, name, webhook)
         with idempotent_submission(state, caller, idempotency_key, digest, response) as submission:
             if submission.replayed is not None:  # this upload is already queued: keep that one
                 job = submission.replayed
                 return JobAccepted(id=job.job_id, status=job.status, links=JobView.of(job).links)
             await run_in_threadpool(state.storages.uploads.put_file, key, upload, move=True)
-            job = _queue_ingest(state, caller.name, key, caption, tag_list, name, job_id)
+            job = _queue_ingest(state, caller.name, key, caption, tag_list, name, job_id, target)
             submission.made(job)
     except StillImage as error:
         message = str(error).replace(str(upload), name)
@@ -136,14 +144,25 @@ async def upload_clip(
     return JobAccepted(id=job.job_id, status=job.status, links=JobView.of(job).links)
 
 
+def _webhook_form(raw: str) -> WebhookRequest | None:
+    if not raw.strip():
+        return None
+    try:
+        return WebhookRequest.model_validate_json(raw)
+    except ValidationError as error:
+        message = "; ".join(item["msg"] for item in error.errors())
+        raise ApiError(422, "validation_error", f"webhook: {message}",
+                       [{"field": "webhook"}]) from None  # fmt: skip
+
+
 def _queue_ingest(
     state: AppState, owner: str, key: str, caption: str, tags: tuple[str, ...], name: str,
-    job_id: str,
+    job_id: str, webhook: WebhookTarget | None,
 ) -> JobRecord:  # fmt: skip
     spec = IngestSpec(
         upload_key=key, caption=caption.strip(), tags=tags, source_name=name, uploader=owner
     )
-    job = JobRecord.new(owner, spec, job_id=job_id)
+    job = JobRecord.new(owner, spec, job_id=job_id, webhook=webhook)
     try:
         state.store.create(job)
         state.dispatcher.submit(job)

@@ -269,3 +269,27 @@ def test_a_jobs_events_stream_from_the_worker_through_redis(idle_stack: Stack) -
                                                            "succeeded"}  # fmt: skip
     steps = [json.loads(event.data)["step"] for event in stream if event.event == "progress"]
     assert steps == sorted(steps) and steps[-1] == 4
+
+
+def test_a_webhook_of_a_job_a_worker_finished(idle_stack: Stack) -> None:
+    """The worker's finish writes the delivery into the Redis outbox with the transition; the
+    API's sender delivers it, signed."""
+    from standardwebhooks.webhooks import Webhook
+
+    from ditmem.compose import build_app
+    from runtime.settings import Settings
+    from tests.embedded import LOCAL
+    from tests.webhook_receiver import new_secret, webhook_receiver
+
+    secret = new_secret()
+    settings = Settings(_env_file=None, **idle_stack.env.values(), webhook_secret=secret,
+                        webhook_allow_private=True, webhook_poll_s=0.05)  # fmt: skip
+    from fastapi.testclient import TestClient
+
+    with webhook_receiver() as receiver, TestClient(build_app(settings), base_url=LOCAL) as api:
+        body = {"prompt": "a red ball", "steps": 1, "memory": {"k": 0},
+                "webhook": {"url": receiver.url}}  # fmt: skip
+        job_id = api.post("/generate", json=body).json()["id"]
+        [delivery] = receiver.wait_for(1, timeout=60)
+    payload = Webhook(secret).verify(delivery.body, delivery.headers)
+    assert payload["type"] == "job.succeeded" and payload["data"]["id"] == job_id

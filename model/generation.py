@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from model.errors import InvalidRequest
-from model.pipeline import CancelCheck, MemoryWanPipeline, ProgressCallback
+from model.pipeline import CancelCheck, LatentsCallback, MemoryWanPipeline, ProgressCallback
 from model.preprocess import load_memory_clip
 from model.presets import Preset
 from model.profiles import PROFILES, Profile
@@ -136,6 +136,8 @@ def generate(
     *,
     on_progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    on_latents: LatentsCallback | None = None,
+    latents_every: int = 0,
 ) -> GenerationResult:
     """Run the pipeline for one prompt; ``memory`` holds the tokens of the retrieved clips."""
     started = time.perf_counter()
@@ -156,6 +158,8 @@ def generate(
         output_type="np",
         on_progress=on_progress,
         should_cancel=should_cancel,
+        on_latents=on_latents,
+        latents_every=latents_every,
     )
     return GenerationResult(
         frames=output.frames[0],

@@ -28,6 +28,7 @@ from model.tokens import ClipTokens, MemoryTokens
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
+LatentsCallback = Callable[[int, torch.Tensor], None]
 
 
 class MemoryWanPipeline(WanPipeline):
@@ -134,6 +135,8 @@ class MemoryWanPipeline(WanPipeline):
         profile: Profile = "default",
         on_progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
+        on_latents: LatentsCallback | None = None,
+        latents_every: int = 0,
         **kwargs: Any,
     ):
         """Generate videos; every argument of ``WanPipeline.__call__`` is accepted.
@@ -151,6 +154,8 @@ class MemoryWanPipeline(WanPipeline):
             on_progress: Called as ``on_progress(step, total)`` after each denoising step.
             should_cancel: Polled before the first and after every step; returning True stops
                 the run with :class:`GenerationCancelled` (the VAE decode is skipped too).
+            on_latents: Called as ``on_latents(step, latents)`` after every ``latents_every``-th
+                step (before ``on_progress``) with the latents being denoised (live previews).
         """
         if prompt is not None and any(not p.strip() for p in _as_list(prompt)):
             raise InvalidRequest("prompt must not be empty")
@@ -164,6 +169,8 @@ class MemoryWanPipeline(WanPipeline):
 
         def on_step_end(pipe: WanPipeline, step: int, timestep: torch.Tensor, tensors: dict):
             outputs = user_callback(pipe, step, timestep, tensors) if user_callback else {}
+            if on_latents is not None and latents_every and (step + 1) % latents_every == 0:
+                on_latents(step + 1, tensors["latents"])
             if on_progress is not None:
                 on_progress(step + 1, total)
             if should_cancel is not None and should_cancel():

@@ -1,16 +1,20 @@
 """Runs a batch plan on a ditmem service, so every worker of the fleet works on it at once.
 
 A bounded number of jobs is kept in flight (``POST /generate``, each with its planned seed);
-each video is downloaded as soon as its job succeeds and placed as ``runtime.batch_runner``
-places its own (``runtime.batch_outputs``). The service's per-key queue bound answers 429 with
-``Retry-After``: the client then waits that long and keeps fewer jobs in flight. Ctrl-C cancels
-the jobs in flight; what was placed stays, and running the batch again resumes.
+each job's event stream (``GET /jobs/{id}/events``) says when it is done, and its video is
+downloaded then and placed as ``runtime.batch_runner`` places its own
+(``runtime.batch_outputs``); a stream that keeps failing gives way to polling that job. The
+service's per-key queue bound answers 429 with ``Retry-After``: the client then waits that
+long and keeps fewer jobs in flight. Ctrl-C cancels the jobs in flight; what was placed stays,
+and running the batch again resumes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import SSEError, connect_sse
 
 from runtime.batch import PlannedVideo
 from runtime.batch_outputs import (
@@ -35,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 FINISHED = frozenset({"succeeded", "failed", "canceled"})
 MAX_WAIT_S = 30.0  # the longest Retry-After honoured as it is
-FULL_SCAN_EVERY = 10  # polling rounds between two that ask about every job in flight
+STREAM_FAILURES_BEFORE_POLLING = 3
 
 
 class ServerError(RuntimeError):
@@ -95,6 +100,7 @@ class BatchOnServer:
             follow_redirects=True,  # presigned downloads; httpx drops the key on another host
         )
         self.preset: str | None = None
+        self._closing = threading.Event()  # ends the followers of a batch that stopped
         self._batch = BatchOptions()
         self._unreachable_since: float | None = None
 
@@ -163,10 +169,11 @@ class BatchOnServer:
             self.check()
         bar = progress_bar(len(planned), summary.skipped, progress)
         flying: list[_InFlight] = []
+        finished: queue.Queue[_InFlight] = queue.Queue()
         window = max(1, self.options.in_flight)
         hold_until = 0.0
-        rounds = 0
         first_started = time.perf_counter()
+        self._closing.clear()
         with folder:
             try:
                 while waiting or flying:
@@ -175,7 +182,9 @@ class BatchOnServer:
                         outcome = self._submit(video)
                         if isinstance(outcome, str):
                             waiting.popleft()
-                            flying.append(_InFlight(number, video, outcome, time.perf_counter()))
+                            job = _InFlight(number, video, outcome, time.perf_counter())
+                            flying.append(job)
+                            self._follow(job, finished)
                         elif isinstance(outcome, float):
                             # The queue bound: keep what is in flight, wait, and aim lower.
                             window = max(1, len(flying))
@@ -184,30 +193,71 @@ class BatchOnServer:
                             waiting.popleft()
                             self._failed(folder, summary, video, outcome, time.perf_counter())
                             bar.update()
-                    rounds += 1
-                    for job in list(flying):
-                        status = self._settle(folder, summary, job)
-                        if status is None:
+                    try:
+                        job = finished.get(timeout=self.options.poll_s)
+                    except queue.Empty:
+                        job = None
+                    if job is not None:
+                        if self._settle(folder, summary, job) is None:
                             flying.remove(job)
                             bar.update()
                             show(bar, summary)
-                        elif status == "queued" and rounds % FULL_SCAN_EVERY:
-                            # The queue is first in, first out: the jobs sent after a queued
-                            # one are queued too. Asking only up to it keeps the service's
-                            # load per client to the running jobs and one more.
-                            break
-                    if flying or waiting:
-                        time.sleep(self.options.poll_s)
+                        else:  # not downloadable yet (the service away a moment): again
+                            self._follow(job, finished)
                     if time.monotonic() >= hold_until and window < self.options.in_flight:
                         window += 1  # room again: grow back one job per round
             except BaseException:
+                self._closing.set()
                 self._cancel(flying)
                 raise
             finally:
+                self._closing.set()
                 bar.close()
         summary.making_s = time.perf_counter() - first_started
         summary.seconds = time.perf_counter() - began
         return summary
+
+    def _follow(self, job: _InFlight, finished: queue.Queue[_InFlight]) -> None:
+        """Wait on a thread of its own for the job's final event, then hand the job over."""
+        thread = threading.Thread(target=self._await_final, args=(job, finished),
+                                  name=f"follow-{job.job_id[:8]}", daemon=True)  # fmt: skip
+        thread.start()
+
+    def _await_final(self, job: _InFlight, finished: queue.Queue[_InFlight]) -> None:
+        """The job's event stream until a final event (resumed with ``Last-Event-ID`` when it
+        drops); a stream that keeps failing gives way to polling the job."""
+        last_id: str | None = None
+        failures = 0
+        path = f"/jobs/{job.job_id}/events"
+        # Idle streams carry a keep-alive comment every 15 s: a minute of silence is a dead one.
+        timeout = httpx.Timeout(self.options.timeout_s, read=60.0)
+        while not self._closing.is_set() and failures < STREAM_FAILURES_BEFORE_POLLING:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with connect_sse(self.client, "GET", path, headers=headers,
+                                 timeout=timeout) as source:  # fmt: skip
+                    if source.response.status_code != 200:
+                        break  # gone, or no stream here: the record decides
+                    for event in source.iter_sse():
+                        if not event.data:
+                            continue
+                        failures, last_id = 0, event.id or last_id
+                        if event.event in FINISHED:
+                            finished.put(job)
+                            return
+            except (httpx.HTTPError, SSEError):
+                failures += 1
+                self._closing.wait(0.5 * failures)
+        while not self._closing.is_set():  # polling: one request per job per poll_s
+            try:
+                response = self.client.get(f"/jobs/{job.job_id}")
+                if response.status_code == 404 or response.json().get("status") in FINISHED:
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            self._closing.wait(self.options.poll_s)
+        if not self._closing.is_set():
+            finished.put(job)
 
     def _submit(self, video: PlannedVideo) -> str | float | tuple[str] | None:
         """A job id; seconds to wait (429); ``(reason,)`` for a refused video; ``None``: retry."""

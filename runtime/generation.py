@@ -25,7 +25,7 @@ from model.generation import (
     clip_tokens_from_files,
     generate,
 )
-from model.pipeline import CancelCheck, MemoryWanPipeline, ProgressCallback
+from model.pipeline import CancelCheck, LatentsCallback, MemoryWanPipeline, ProgressCallback
 from model.presets import Preset
 from model.profiles import Profile
 from model.tokens import ClipTokens
@@ -75,6 +75,13 @@ class GenerationRequest(BaseModel):
         "DiT-Mem reference implementation's sampler, noise and defaults; default: the preset's)",
     )
     memory: MemoryOptions = Field(default_factory=MemoryOptions)
+    preview_every: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="a live preview image every N denoising steps (its URL in the event "
+        "stream); off by default",
+    )
 
 
 def select_memory(
@@ -110,10 +117,10 @@ def resolve_generation(
         InvalidRequest: a parameter is outside the preset's bounds.
         ClipNotFound: a pinned clip does not exist.
     """
-    fields = request.model_dump(exclude={"prompt", "memory"})
+    fields = request.model_dump(exclude={"prompt", "memory", "preview_every"})
     params = GenerationParams.resolve(preset, request.prompt, **fields)
     memory = select_memory(bank, params.prompt, request.memory, metrics)
-    return GenerateSpec(params=params, memory=memory)
+    return GenerateSpec(params=params, memory=memory, preview_every=request.preview_every)
 
 
 class GenerationRecord(BaseModel):
@@ -148,6 +155,7 @@ def run_generation(
     job_id: str | None = None,
     on_progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    on_latents: LatentsCallback | None = None,
 ) -> GenerationOutput:
     """Make ``spec``'s video at ``out`` (mp4) with its record at ``out`` + ``.json``.
 
@@ -167,8 +175,9 @@ def run_generation(
     tokens = ClipTokens.stack(groups) if groups else None
 
     result = generate(
-        pipe, preset, spec.params, tokens, on_progress=on_progress, should_cancel=should_cancel
-    )
+        pipe, preset, spec.params, tokens, on_progress=on_progress, should_cancel=should_cancel,
+        on_latents=on_latents, latents_every=spec.preview_every or 0,
+    )  # fmt: skip
     video = write_video(result.frames, out, fps=preset.fps, scale=preset.display_scale)
     record = GenerationRecord(
         job_id=job_id,

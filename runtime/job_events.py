@@ -54,6 +54,8 @@ def event_data(job: JobRecord, queue: QueueInfo, base_url: str = "") -> dict[str
                  "total_steps": job.total_steps}  # fmt: skip
     elif name == "progress":
         data |= {"step": job.step, "total_steps": job.total_steps, "progress": job.progress}
+        if job.preview_step is not None:  # the step in the URL: a new image, a new URL
+            data["preview_url"] = f"{base_url}/jobs/{job.job_id}/preview?step={job.preview_step}"
     elif name == "succeeded":
         video = f"{base_url}/jobs/{job.job_id}/video" if job.kind == "generate" else None
         data["video_url"] = video

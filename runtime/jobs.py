@@ -87,6 +87,7 @@ class GenerateSpec(BaseModel):
     kind: Literal["generate"] = "generate"
     params: GenerationParams
     memory: tuple[MemoryClipUsed, ...] = ()
+    preview_every: int | None = None  # a live preview every N steps (it changes no pixel)
 
 
 class IngestSpec(BaseModel):
@@ -221,6 +222,7 @@ class JobRecord(BaseModel):
     # Counts the stored changes of the record: the id of its events (``Last-Event-ID``).
     revision: int = Field(0, ge=0)
     webhook: WebhookTarget | None = None
+    preview_step: int | None = None  # the step of the latest live preview stored (running)
     webhook_deliveries: dict[WebhookEvent, WebhookDelivery] = Field(default_factory=dict)
 
     @classmethod
@@ -242,6 +244,11 @@ class JobRecord(BaseModel):
     @property
     def memory_used(self) -> tuple[MemoryClipUsed, ...]:
         return self.spec.memory if isinstance(self.spec, GenerateSpec) else ()
+
+
+def preview_key(job_id: str, attempt: int) -> str:
+    """Where an attempt's live preview is in the results storage (overwritten by each new one)."""
+    return f"{job_id}-a{attempt}-preview.png"
 
 
 def with_changes(job: JobRecord, **changes: Any) -> JobRecord:
@@ -270,6 +277,7 @@ def _claimed(job: JobRecord, worker: str, lease_s: float, at: float) -> JobRecor
         attempts=job.attempts + 1,
         step=0,
         progress=0.0,
+        preview_step=None,
     )
 
 
@@ -298,7 +306,9 @@ def _requeued(job: JobRecord, at: float) -> JobRecord | None:
     """A running job whose worker stopped renewing its lease, back in the queue."""
     if not _lease_expired(job, at) or _waiting_for_rows(job):
         return None
-    return with_changes(job, status="queued", worker=None, lease_until=None, step=0, progress=0.0)
+    return with_changes(
+        job, status="queued", worker=None, lease_until=None, step=0, progress=0.0, preview_step=None
+    )
 
 
 def _owned(job: JobRecord, attempt: int) -> bool:
@@ -310,8 +320,9 @@ def _finished(
     job: JobRecord, status: FinalStatus, result: JobResult | None, error: str | None
 ) -> JobRecord:
     changes: dict[str, Any] = dict(
-        status=status, finished_at=now(), lease_until=None, result=result, error=error
-    )
+        status=status, finished_at=now(), lease_until=None, result=result, error=error,
+        preview_step=None,  # the preview is removed with the run that made it
+    )  # fmt: skip
     if status == "succeeded":
         changes |= dict(step=job.total_steps, progress=1.0)
     return with_changes(job, **changes)
@@ -439,10 +450,17 @@ class JobStore(ABC):
 
     @abstractmethod
     def report_progress(
-        self, job_id: str, attempt: int, step: int, total_steps: int, lease_s: float
+        self,
+        job_id: str,
+        attempt: int,
+        step: int,
+        total_steps: int,
+        lease_s: float,
+        preview_step: int | None = None,
     ) -> ProgressReply:
-        """Record a finished step and renew the lease, if ``attempt`` still holds the job; the
-        reply says whether to go on, stop (cancel requested) or drop the job (lost)."""
+        """Record a finished step (and the step of the latest stored preview) and renew the
+        lease, if ``attempt`` still holds the job; the reply says whether to go on, stop
+        (cancel requested) or drop the job (lost)."""
 
     @abstractmethod
     def ping(self) -> bool: ...
@@ -622,7 +640,13 @@ class MemoryJobStore(JobStore):
         return updated
 
     def report_progress(
-        self, job_id: str, attempt: int, step: int, total_steps: int, lease_s: float
+        self,
+        job_id: str,
+        attempt: int,
+        step: int,
+        total_steps: int,
+        lease_s: float,
+        preview_step: int | None = None,
     ) -> ProgressReply:
         with self._lock:
             job = self._jobs.get(job_id)
@@ -635,6 +659,7 @@ class MemoryJobStore(JobStore):
                 progress=step / total_steps,
                 lease_until=time.time() + lease_s,
                 revision=job.revision + 1,
+                preview_step=job.preview_step if preview_step is None else preview_step,
             )
         self._announce(updated, transition=False)
         return "cancel" if job.cancel_requested else "continue"
@@ -662,6 +687,9 @@ if redis.call('HGET', KEYS[1], 'status') ~= '"running"'
 end
 redis.call('HSET', KEYS[1], 'step', ARGV[2], 'total_steps', ARGV[3], 'progress', ARGV[4],
            'lease_until', ARGV[5])
+if ARGV[7] ~= 'null' then
+  redis.call('HSET', KEYS[1], 'preview_step', ARGV[7])
+end
 local revision = redis.call('HINCRBY', KEYS[1], 'revision', 1)
 redis.call('PUBLISH', KEYS[2], cjson.encode({job_id = ARGV[6], revision = revision,
                                              status = 'running', transition = false}))
@@ -842,7 +870,13 @@ class RedisJobStore(JobStore):
                     continue
 
     def report_progress(
-        self, job_id: str, attempt: int, step: int, total_steps: int, lease_s: float
+        self,
+        job_id: str,
+        attempt: int,
+        step: int,
+        total_steps: int,
+        lease_s: float,
+        preview_step: int | None = None,
     ) -> ProgressReply:
         reply = self._progress(
             keys=[self._key(job_id), self._changes_channel],
@@ -853,6 +887,7 @@ class RedisJobStore(JobStore):
                 json.dumps(step / total_steps),
                 json.dumps(time.time() + lease_s),
                 job_id,
+                json.dumps(preview_step),
             ],
         )
         return reply  # type: ignore[return-value]  # the script answers one of the three

@@ -47,6 +47,8 @@ class JobLinks(BaseModel):
     self: str
     cancel: str
     video: str | None = None
+    events: str | None = None
+    preview: str | None = None  # while a generation with previews runs
 
 
 class ImportRequest(BaseModel):
@@ -127,7 +129,15 @@ class JobView(BaseModel):
             estimated_start=queue.estimated_start if queue else None,
             webhook_deliveries=dict(job.webhook_deliveries),
             links=JobLinks(
-                self=base, cancel=base, video=f"{base}/video" if job.kind == "generate" else None
+                self=base,
+                cancel=base,
+                video=f"{base}/video" if job.kind == "generate" else None,
+                events=f"{base}/events",
+                preview=(
+                    f"{base}/preview?step={job.preview_step}"
+                    if job.preview_step is not None
+                    else None
+                ),
             ),
         )
 

@@ -7,6 +7,7 @@ the job with their message; anything else fails it too and is re-raised for the 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -14,7 +15,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from memory_bank.storage import ObjectMissing, ObjectStorage, describe_disk_erro
 from model.errors import GenerationCancelled, ModelError
 from model.pipeline import MemoryWanPipeline
 from model.presets import Preset
+from model.previews import LatentPreviewer
 from runtime.dispatch import Dispatcher
 from runtime.generation import run_generation
 from runtime.imports import ImportDriver
@@ -41,8 +43,10 @@ from runtime.jobs import (
     JobResult,
     JobStore,
     OutdatedJobRecord,
+    preview_key,
 )
 from runtime.metrics import LocalMetrics, MetricsSink
+from worker.previews import PreviewPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +113,7 @@ class JobRunner:
         self.encoder_version = ingestor.encoder_version
         self.metrics = metrics or LocalMetrics()
         self._collected_at = -GC_INTERVAL_S  # the first job collects
+        self._previewer: LatentPreviewer | None = None
 
     def run(self, job_id: str) -> str:
         """Run the job unless another delivery already did or is doing it.
@@ -245,20 +250,45 @@ class JobRunner:
 
     # -- generate ----------------------------------------------------------------------------------
 
+    def _previews(self, job: JobRecord, spec: GenerateSpec) -> PreviewPublisher | None:
+        if not spec.preview_every:
+            return None
+        if self._previewer is None:  # fitted once per worker, at the first job that asks
+            self._previewer = LatentPreviewer.for_vae(self.pipe.vae)
+        key = preview_key(job.job_id, job.attempts)
+        return PreviewPublisher(self._previewer, self.results, key)
+
     def _generate(self, job: JobRecord, spec: GenerateSpec) -> GenerateResult:
         last_step = time.perf_counter()
         cancel = False
+        previews = self._previews(job, spec)
 
         def on_progress(step: int, total: int) -> None:
             nonlocal last_step, cancel
             current = time.perf_counter()
             self.metrics.observe("step_seconds", current - last_step)
             last_step = current
-            reply = self.store.report_progress(job.job_id, job.attempts, step, total, self.lease_s)
+            shown = previews.stored_step if previews is not None else None
+            reply = self.store.report_progress(
+                job.job_id, job.attempts, step, total, self.lease_s, preview_step=shown
+            )
             if reply == "lost":
                 raise ClaimLost(job.job_id)
             cancel = reply == "cancel"
 
+        with contextlib.ExitStack() as running:
+            if previews is not None:
+                running.enter_context(previews)
+            return self._make_video(job, spec, on_progress, lambda: cancel, previews)
+
+    def _make_video(
+        self,
+        job: JobRecord,
+        spec: GenerateSpec,
+        on_progress: Callable[[int, int], None],
+        should_cancel: Callable[[], bool],
+        previews: PreviewPublisher | None,
+    ) -> GenerateResult:
         with tempfile.TemporaryDirectory(dir=self.scratch_dir) as scratch:
             output = run_generation(
                 self.pipe,
@@ -270,7 +300,8 @@ class JobRunner:
                 job_id=job.job_id,
                 on_progress=on_progress,
                 # The progress report of each step already brought the cancel flag back.
-                should_cancel=lambda: cancel,
+                should_cancel=should_cancel,
+                on_latents=previews.offer if previews is not None else None,
             )
             # Named by attempt: an attempt that lost its claim (a worker frozen past its lease)
             # can never overwrite the files of the attempt that owns the job. The record after

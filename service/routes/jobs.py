@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from memory_bank.storage import ObjectMissing
 from runtime.job_events import QueueInfo, event_data, event_name, queue_info
-from runtime.jobs import GenerateResult, JobRecord
+from runtime.jobs import GenerateResult, JobRecord, preview_key
 from runtime.uploads import discard_upload
 from service.auth import Caller
 from service.deps import CallerDep, Offset, StateDep
@@ -118,6 +118,24 @@ def cancel_job(job_id: str, caller: CallerDep, state: StateDep) -> JobView:
     job = state.store.request_cancel(job_id)
     discard_upload(state.storages.uploads, job)  # a cancelled ingest's file has no reader left
     return JobView.of(job)
+
+
+@router.get(
+    "/{job_id}/preview",
+    responses={**NOT_FOUND, 200: {"content": {"image/png": {}}}},
+)
+def get_preview(job_id: str, caller: CallerDep, state: StateDep, request: Request) -> Response:
+    """The latest live preview of a running generation that asked for them
+    (``preview_every``): a small PNG of the latent being denoised."""
+    job = _own_job(state, caller, job_id)
+    if job.status != "running" or job.preview_step is None:
+        raise ApiError(404, "preview_not_found", f"job {job_id} has no preview now")
+    try:
+        return serve_object(state.storages.results, preview_key(job.job_id, job.attempts),
+                            request, media_type="image/png",
+                            filename=f"{job_id}-preview.png")  # fmt: skip
+    except ObjectMissing:  # the run just ended and removed it
+        raise ApiError(404, "preview_not_found", f"job {job_id} has no preview now") from None
 
 
 @router.get(

@@ -139,6 +139,9 @@ function generateRequest() {
   }
   const memoryGuidance = $("gen-memory-guidance").value;
   if (memoryGuidance) request.memory_guidance = memoryGuidance === "true";
+  const profile = $("gen-profile").value;
+  if (profile) request.profile = profile;
+  if ($("gen-live-preview").checked) request.preview_every = 1;
   const memory = {};
   const k = readNumber($("gen-k"));
   if (k !== undefined) memory.k = k;
@@ -151,7 +154,7 @@ function generateRequest() {
 const FIELD_INPUTS = { prompt: "gen-prompt", negative_prompt: "gen-negative", num_frames: "gen-frames",
   width: "gen-width", height: "gen-height", steps: "gen-steps", guidance_scale: "gen-guidance",
   seed: "gen-seed", memory_guidance: "gen-memory-guidance", "memory.k": "gen-k",
-  "memory.clip_ids": "gen-pins" };
+  "memory.clip_ids": "gen-pins", profile: "gen-profile", preview_every: "gen-live-preview" };
 
 function markInvalid(details) {
   for (const id of Object.values(FIELD_INPUTS)) $(id).removeAttribute("aria-invalid");
@@ -238,21 +241,113 @@ function scheduleJobs(ms) {
   jobsTimer = setTimeout(loadJobs, ms);
 }
 
+// The list is read once; each active job then follows its event stream (GET /jobs/{id}/events).
+// A stream that keeps failing falls back to polling the list.
 async function loadJobs() {
   if (jobsLoading) return;
   jobsLoading = true;
-  let active = false;
+  let polling = false;
   try {
     const page = await api("/jobs?limit=50");
     renderJobs(page.items);
-    active = page.items.some((job) => ACTIVE.has(job.status));
+    for (const job of page.items) {
+      if (!ACTIVE.has(job.status)) continue;
+      if (streamsFailed >= STREAM_FAILURES_BEFORE_POLLING) polling = true;
+      else followJob(job);
+    }
   } catch (error) {
     say(`Could not load jobs: ${error.message}`, true);
   } finally {
     jobsLoading = false;
   }
   clearTimeout(jobsTimer);
-  if (active) scheduleJobs(500);
+  if (polling) scheduleJobs(1000);
+}
+
+// ---------------------------------------------------------------- Job event streams
+
+const STREAM_FAILURES_BEFORE_POLLING = 3;
+const FINAL = new Set(["succeeded", "failed", "canceled"]);
+const streams = new Map(); // job id -> AbortController
+let streamsFailed = 0;
+
+// Server-Sent Events over fetch: EventSource cannot send the Authorization header.
+async function* readEvents(response) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let event = { event: "message", data: [], id: null };
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let newline;
+    while ((newline = buffer.search(/\r?\n/)) >= 0) {
+      const line = buffer.slice(0, newline);
+      buffer = buffer.slice(buffer[newline] === "\r" ? newline + 2 : newline + 1);
+      if (line === "") {
+        if (event.data.length) yield { ...event, data: event.data.join("\n") };
+        event = { event: "message", data: [], id: null };
+      } else if (!line.startsWith(":")) { // ":" lines are keep-alive comments
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "data") event.data.push(text);
+        else if (field === "event") event.event = text;
+        else if (field === "id") event.id = text;
+      }
+    }
+  }
+}
+
+function followJob(job) {
+  if (streams.has(job.id)) return;
+  const controller = new AbortController();
+  streams.set(job.id, controller);
+  let lastId = null;
+  const state = { ...job };
+  (async () => {
+    let failures = 0;
+    while (!controller.signal.aborted) {
+      try {
+        const headers = authHeaders({ Accept: "text/event-stream" });
+        if (lastId !== null) headers["Last-Event-ID"] = lastId;
+        const response = await fetch(job.links.events || `/jobs/${job.id}/events`, { headers, signal: controller.signal });
+        if (!response.ok) throw await errorFrom(response);
+        for await (const event of readEvents(response)) {
+          failures = 0;
+          lastId = event.id;
+          const data = JSON.parse(event.data);
+          if (data.error && typeof data.error === "object") data.error = data.error.message;
+          Object.assign(state, data);
+          if (event.event === "queued") state.progress = 0;
+          if (event.event === "started") state.step = 0;
+          showJobState(state);
+          if (FINAL.has(event.event)) {
+            streams.delete(job.id);
+            // The final record once: result, seed, memory used and links.
+            showJobState(await api(`/jobs/${job.id}`));
+            return;
+          }
+        }
+      } catch (error) {
+        if (controller.signal.aborted) return;
+        if (error.status === 404) { streams.delete(job.id); return; }
+        failures += 1;
+      }
+      if (failures >= 3) { // the stream is not getting through: poll instead
+        streams.delete(job.id);
+        streamsFailed += 1;
+        scheduleJobs(1000);
+        return;
+      }
+      await sleep(500 * failures);
+    }
+  })();
+}
+
+function showJobState(job) {
+  const item = document.querySelector(`#jobs-list [data-job-id="${job.id}"]`);
+  if (item) updateJobItem(item, job);
 }
 
 function renderJobs(jobs) {
@@ -297,6 +392,7 @@ function createJobItem(job) {
     el("div", { class: "progress-row", "data-role": "progress-row" },
       el("label", { for: progressId, "data-role": "progress-label" }),
       el("progress", { id: progressId, max: 1, value: 0 })),
+    el("img", { class: "live-preview", "data-role": "live", alt: `Live preview of job ${short}`, hidden: true }),
     el("p", { class: "error", "data-role": "error", role: "alert", hidden: true }),
     el("div", { "data-role": "result" }),
     el("ul", { class: "used", "data-role": "used", "aria-label": `Memory clips used by job ${short}` }));
@@ -327,12 +423,27 @@ function updateJobItem(item, job) {
   row.hidden = job.status !== "running" && job.status !== "queued";
   if (job.status === "queued") {
     progress.removeAttribute("value");
-    part("progress-label").textContent = `Job ${short}: waiting in the queue`;
+    const ahead = Number.isInteger(job.queue_position) ? ` (${job.queue_position} ahead)` : "";
+    part("progress-label").textContent = `Job ${short}: waiting in the queue${ahead}`;
   } else {
     progress.value = job.progress;
     part("progress-label").textContent = job.total_steps
       ? `Job ${short}: step ${job.step} of ${job.total_steps}`
       : `Job ${short}: ${Math.round(job.progress * 100)}%`;
+  }
+
+  const live = part("live");
+  const previewUrl = job.status === "running" ? job.preview_url || (job.links && job.links.preview) : null;
+  live.hidden = !previewUrl;
+  if (previewUrl && live.dataset.src !== previewUrl) {
+    live.dataset.src = previewUrl;
+    fetch(previewUrl, { headers: authHeaders() })
+      .then((response) => (response.ok ? response.blob() : null))
+      .then((blob) => {
+        if (!blob || live.dataset.src !== previewUrl) return;
+        if (live.src.startsWith("blob:")) URL.revokeObjectURL(live.src);
+        live.src = URL.createObjectURL(blob);
+      }, () => {});
   }
 
   const error = part("error");

@@ -103,7 +103,7 @@ def no_horizontal_scroll(page: Page) -> bool:
     )
 
 
-def test_ui_end_to_end(page: Page, root: Path) -> None:
+def test_ui_end_to_end(page: Page, root: Path, base_url: str) -> None:
     screenshots = REPO / "docs" / "images" if REFRESH_SCREENSHOTS else root / "screenshots"
     started = time.monotonic()
     spec = sample_spec(torch.Generator().manual_seed(0), "red", "falling")
@@ -150,15 +150,25 @@ def test_ui_end_to_end(page: Page, root: Path) -> None:
 
     # Submit: the job shows up in Jobs with a moving progress bar, then a playable video.
     page.get_by_label("Memory guidance").select_option("true")
+    requests: list[str] = []  # every GET of the page from here on: no polling while streaming
+    page.on("request", lambda r: requests.append(r.url) if r.method == "GET" else None)
     with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/generate")) as sent:
         page.get_by_role("button", name="Generate", exact=True).last.click()
     body = sent.value.post_data_json
     assert body["memory_guidance"] is True and body["memory"] == {"k": 5}, body
+    assert body["preview_every"] == 1  # live previews are on by default
     expect(page.locator("#view-jobs")).to_be_visible()
     job = page.locator("#jobs-list li.job[data-status]").filter(has_text=PROMPT).first
     expect(job).to_be_visible()
     seen = watch_job(page, job, {"succeeded", "failed", "canceled"})
     assert seen[-1][0] == "succeeded", (seen[-1], job.inner_text())
+    job_id = job.get_attribute("data-job-id")
+    paths = [url.split(base_url, 1)[-1] for url in requests]
+    # Progress came over the job's event stream; the record was read once, at the end, and the
+    # list once when the view opened: nothing polled.
+    assert f"/jobs/{job_id}/events" in paths, paths
+    assert paths.count(f"/jobs/{job_id}") <= 1, paths
+    assert sum(path.startswith("/jobs?") for path in paths) <= 2, paths
     # The bar moved (a value > 0 while running), or at least the job was seen running.
     moved = any(value > 0 for status, value in seen if status == "running")
     assert moved or "running" in [status for status, _ in seen], seen
@@ -187,6 +197,10 @@ def test_ui_end_to_end(page: Page, root: Path) -> None:
     slow.get_by_role("button", name="Cancel").click()
     expect(slow).to_have_attribute("data-status", "canceled", timeout=60_000)
     expect(slow.get_by_role("button", name="Cancel")).to_be_hidden()
+    # The slow job ahead ran for seconds: the page showed its live previews as they came.
+    green = page.locator("#jobs-list li.job").filter(has_text="a slow green ball").first
+    expect(green).to_have_attribute("data-status", "succeeded", timeout=60_000)
+    assert any("/preview?step=" in url for url in requests), requests[-20:]
 
     # Phone width: every view fits without horizontal scrolling.
     page.set_viewport_size({"width": 390, "height": 844})

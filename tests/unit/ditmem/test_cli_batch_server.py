@@ -5,7 +5,9 @@ it is interrupted."""
 
 from __future__ import annotations
 
+import _thread
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -125,18 +127,29 @@ def test_interrupting_cancels_the_jobs_in_flight(root, prompt_file, tmp_path):
     """Ctrl-C while jobs are queued and running: none keeps a worker busy for nobody."""
     accepted: list[str] = []
 
-    def interrupt_at_the_first_poll(response: httpx.Response) -> None:
+    def count(response: httpx.Response) -> None:
         if response.request.method == "POST" and response.status_code == 202:
             response.read()
             accepted.append(response.json()["id"])
-        elif response.request.method == "GET" and "/jobs/" in response.request.url.path:
-            raise KeyboardInterrupt
 
-    # The tiny preset's slowest request takes seconds: the jobs are still queued or running.
+    def interrupt_once_three_are_in_flight() -> None:
+        deadline = time.monotonic() + 60
+        while len(accepted) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # the client has them in flight (and their streams open)
+        _thread.interrupt_main()  # what Ctrl-C does
+
+    # The tiny preset's slowest request takes seconds, and two of them run ahead of the batch:
+    # its jobs are still queued when the client is interrupted.
+    slow_body = {"num_frames": 17, "width": 128, "height": 128, "steps": 8, "memory": {"k": 0}}
     with running_server(build_app(embedded_settings(root / "slow", device="cpu"))) as url:
-        client = httpx.Client(base_url=url, event_hooks={"response": [interrupt_at_the_first_poll]})
+        with httpx.Client(base_url=url) as other_client:
+            ahead = [other_client.post("/generate", json={"prompt": "ahead", **slow_body})
+                     .json()["id"] for _ in range(2)]  # fmt: skip
+        client = httpx.Client(base_url=url, event_hooks={"response": [count]})
         runner = BatchOnServer(ServerOptions(url=url, in_flight=3), client)
         slow = BatchOptions(num_frames=17, width=128, height=128, steps=8)
+        threading.Thread(target=interrupt_once_three_are_in_flight, daemon=True).start()
         with pytest.raises(KeyboardInterrupt):
             runner.run(plan(read_prompts(prompt_file), "plain"), tmp_path / "out", slow,
                        progress=False)  # fmt: skip
@@ -149,8 +162,26 @@ def test_interrupting_cancels_the_jobs_in_flight(root, prompt_file, tmp_path):
                     break
                 time.sleep(0.1)
             assert [job["status"] for job in jobs] == ["canceled"] * 3, jobs
+            for job_id in ahead:
+                check.delete(f"/jobs/{job_id}")
     assert not (tmp_path / "out" / ".partial").exists()
     assert list((tmp_path / "out").rglob("*.mp4")) == []
+
+
+def test_a_batch_follows_event_streams_instead_of_polling(server, prompt_file, tmp_path):
+    gets: list[str] = []
+    client = httpx.Client(base_url=server, timeout=30,
+                          event_hooks={"request": [lambda r: gets.append(r.url.path)
+                                                   if r.method == "GET" else None]})  # fmt: skip
+    runner = BatchOnServer(ServerOptions(url=server, in_flight=2, poll_s=0.05), client)
+    summary = runner.run(plan(read_prompts(prompt_file), "plain", seed=100), tmp_path / "o",
+                         BatchOptions(), progress=False)  # fmt: skip
+    client.close()
+    assert summary.made == 5
+    streams = [path for path in gets if path.endswith("/events")]
+    records = [path for path in gets if path.startswith("/jobs/") and path.count("/") == 2]
+    assert len(streams) == 5  # one stream per job ...
+    assert len(records) == 5  # ... and its record read once, to download its video
 
 
 def test_server_errors_are_clear(runner, prompt_file, tmp_path, server):

@@ -4,6 +4,7 @@ positions and start estimates, and the job's own access rules."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -183,3 +184,33 @@ def test_streams_leave_no_watch_behind(app, client):
         time.sleep(0.05)
     assert app.state.feed.watching == 0
     wait_finished(client, busy)
+
+
+def test_live_previews_stream_their_url_and_change_no_pixel(client, tmp_path):
+    from PIL import Image
+
+    job_id = submit(client, preview_every=1, seed=11, **SLOW_REQUEST)
+    previews = []
+    with connect_sse(client, "GET", f"/jobs/{job_id}/events") as source:
+        for event in source.iter_sse():
+            data = json.loads(event.data) if event.data else {}
+            if event.event == "progress" and "preview_url" in data and not previews:
+                image = client.get(data["preview_url"])
+                if image.status_code == 200:  # the run may have just ended
+                    previews.append(image)
+            if event.event in FINAL:
+                break
+    assert event.event == "succeeded"
+    [preview] = previews
+    assert preview.headers["content-type"] == "image/png"
+    picture = Image.open(io.BytesIO(preview.content))
+    # The tiny preset's VAE has a spatial stride of 8: a 128x128 video previews at 16x16.
+    assert picture.size == (16, 16)
+    # Gone with the run; the video is what the same request makes without previews.
+    assert client.get(f"/jobs/{job_id}/preview").status_code == 404
+    plain = submit(client, seed=11, **SLOW_REQUEST)
+    wait_finished(client, plain)
+    with_previews = client.get(f"/jobs/{job_id}/video").content
+    assert with_previews == client.get(f"/jobs/{plain}/video").content
+    stream = events(client, plain)
+    assert all("preview_url" not in json.loads(e.data) for e in stream)

@@ -5,8 +5,9 @@ the real worker path: the projection on the denoising thread (``PreviewPublisher
 PNG and its storage on the publisher's thread. Measured in one process:
 
 * a step's time without previews (median over runs, from the progress callback's clock);
-* the time ``offer`` takes on the denoising thread per preview (what a step pays);
-* the publisher thread's time per stored preview (paid beside the step, not in it);
+* the time ``offer`` takes on the denoising thread at every step (what a step pays: a clock
+  check, and at most every ``MIN_INTERVAL_S`` a copy of one latent frame), mean and p99;
+* the publisher thread's time per stored preview (projection, PNG, store: beside the loop);
 * whole generations with and without previews (median wall time ratio).
 
     python -m bench.preview_cost [--runs 20] [--json out.json]
@@ -28,7 +29,7 @@ from model.presets import TOY
 from model.previews import LatentPreviewer, png_bytes
 from runtime.builders import load_pipeline_from
 from runtime.settings import Settings
-from worker.previews import PreviewPublisher
+from worker.previews import MIN_INTERVAL_S, PreviewPublisher
 
 
 def main() -> None:
@@ -74,29 +75,32 @@ def main() -> None:
                          on_latents=timed_offer, latents_every=1)  # fmt: skip
             preview_runs.append(time.perf_counter() - started)
         # The publisher thread's work per preview, timed alone.
-        image = previewer.image(pipe.prepare_latents(1, 3, 16, 16, 9, None, "cpu", None))
+        frame = pipe.prepare_latents(1, 3, 16, 16, 9, None, "cpu", None)
         for number in range(200):
             began = time.perf_counter()
-            storage.put_bytes(f"alone-{number % 4}.png", png_bytes(image))
+            storage.put_bytes(f"alone-{number % 4}.png", png_bytes(previewer.image(frame)))
             store_times.append(time.perf_counter() - began)
 
     step = statistics.median(step_times)
-    offer = statistics.median(offer_times)
+    offer = statistics.fmean(offer_times)
     result = {
         "step_ms_p50": step * 1e3,
-        "offer_us_p50": offer * 1e6,
+        "offer_us_mean": offer * 1e6,
+        "offer_us_p50": statistics.median(offer_times) * 1e6,
         "offer_us_p99": sorted(offer_times)[int(len(offer_times) * 0.99)] * 1e6,
         "offer_share_of_step": offer / step,
         "store_us_p50_publisher_thread": statistics.median(store_times) * 1e6,
         "video_s_p50_without": statistics.median(plain_runs),
         "video_s_p50_with_every_step": statistics.median(preview_runs),
         "runs": args.runs,
+        "min_interval_s": MIN_INTERVAL_S,
         "steps": params.steps,
     }
     result["wall_ratio"] = result["video_s_p50_with_every_step"] / result["video_s_p50_without"]
-    print(f"step {result['step_ms_p50']:.2f} ms; a preview on the denoising thread "
-          f"{result['offer_us_p50']:.0f} us p50 ({result['offer_share_of_step']:.2%} of a step), "
-          f"p99 {result['offer_us_p99']:.0f} us; PNG + store on the publisher thread "
+    print(f"step {result['step_ms_p50']:.2f} ms; previews on the denoising thread "
+          f"{result['offer_us_mean']:.1f} us a step on average "
+          f"({result['offer_share_of_step']:.3%} of a step), p50 {result['offer_us_p50']:.1f} us, "
+          f"p99 {result['offer_us_p99']:.0f} us; projection + PNG + store on the publisher thread "
           f"{result['store_us_p50_publisher_thread']:.0f} us; video "
           f"{result['video_s_p50_without']:.3f} s without, "
           f"{result['video_s_p50_with_every_step']:.3f} s with a preview every step "

@@ -7,6 +7,7 @@ scripts/run python -m bench.step_time --config tiny --repeats 30 > docs/bench-re
 scripts/run python -m bench.step_time --config tiny --precision > docs/bench-results/precision_tiny_cpu.json
 scripts/run python -m bench.embedder --json docs/bench-results/embedder_cpu.json
 scripts/run python -m bench.fleet_import --clips 64 --repeats 5 --json docs/bench-results/fleet_import_cpu.json
+scripts/run python -m bench.preview_cost --runs 20 --json docs/bench-results/preview_cost_toy_cpu.json
 scripts/run python -m bench.batch_throughput --repeats 3 --json docs/bench-results/batch_throughput_cpu.json
 # The longest (about 35 minutes, ~20 GB of scratch space): banks of 100K and 1M clips.
 scripts/run python -m bench.bank_scale --json docs/bench-results/bank_scale_cpu.json

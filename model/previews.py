@@ -35,6 +35,8 @@ class LatentPreviewer:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         self.weight = weight.float()  # (3, C)
         self.bias = bias.float()  # (3,)
+        self._weight = self.weight.numpy()
+        self._bias = self.bias.numpy()[:, None, None]
 
     @classmethod
     def for_vae(cls, vae: torch.nn.Module) -> LatentPreviewer:
@@ -52,11 +54,11 @@ class LatentPreviewer:
 
     @torch.no_grad()
     def image(self, latents: torch.Tensor) -> np.ndarray:
-        frame = latents[0, :, latents.shape[2] // 2].float()  # (C, H, W), on the DiT's device
-        weight = self.weight.to(frame.device)
-        bias = self.bias.to(frame.device)
-        rgb = torch.einsum("oc,chw->hwo", weight, frame) + bias
-        return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        # NumPy, not torch, on the CPU: a thread that runs torch ops starts a thread pool of its
+        # own beside the denoising loop's, and on a small machine the two fight for the cores.
+        frame = latents[0, :, latents.shape[2] // 2].detach().float().cpu().numpy()  # (C, H, W)
+        rgb = np.tensordot(self._weight, frame, axes=(1, 0)) + self._bias  # (3, H, W)
+        return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0).copy()
 
 
 @torch.no_grad()

@@ -250,7 +250,8 @@ def test_a_batch_on_the_celery_service(idle_stack: Stack, tmp_path: Path) -> Non
 
 def test_a_jobs_events_stream_from_the_worker_through_redis(idle_stack: Stack) -> None:
     """The event stream of a job a worker subprocess runs: every step it reports reaches the
-    API's stream by Redis pub/sub, and the stream ends with the final event."""
+    API's stream by Redis pub/sub, with the live previews the worker stores, and the stream ends
+    with the final event."""
     import httpx
     from httpx_sse import connect_sse
 
@@ -259,16 +260,26 @@ def test_a_jobs_events_stream_from_the_worker_through_redis(idle_stack: Stack) -
 
     settings = idle_stack.env.settings()
     with running_server(build_app(settings)) as url, httpx.Client(base_url=url) as client:
-        body = {"prompt": "a red ball", "steps": 4, "memory": {"k": 0}}
+        body = {"prompt": "a red ball", "memory": {"k": 0}, "preview_every": 1, **SLOW_REQUEST}
         job_id = client.post("/generate", json=body).json()["id"]
+        previews = []
+        stream = []
         with connect_sse(client, "GET", f"/jobs/{job_id}/events", timeout=60) as source:
-            stream = [event for event in source.iter_sse() if event.data]
+            for event in source.iter_sse():
+                if not event.data:
+                    continue
+                stream.append(event)
+                url = json.loads(event.data).get("preview_url")
+                if url and not previews:  # the worker stored it where the API serves it from
+                    previews.append(client.get(url))
     names = [event.event for event in stream]
     assert names[-1] == "succeeded", names
     assert names.count("progress") >= 1 and set(names) <= {"queued", "started", "progress",
                                                            "succeeded"}  # fmt: skip
     steps = [json.loads(event.data)["step"] for event in stream if event.event == "progress"]
-    assert steps == sorted(steps) and steps[-1] == 4
+    assert steps == sorted(steps) and steps[-1] == SLOW_REQUEST["steps"]
+    [preview] = previews
+    assert preview.status_code == 200 and preview.headers["content-type"] == "image/png"
 
 
 def test_a_webhook_of_a_job_a_worker_finished(idle_stack: Stack) -> None:

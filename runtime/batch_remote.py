@@ -228,7 +228,7 @@ class BatchOnServer:
         drops); a stream that keeps failing gives way to polling the job."""
         last_id: str | None = None
         failures = 0
-        path = f"/jobs/{job.job_id}/events"
+        path = f"/jobs/{job.job_id}/events?events=succeeded,failed,canceled"  # the end only
         # Idle streams carry a keep-alive comment every 15 s: a minute of silence is a dead one.
         timeout = httpx.Timeout(self.options.timeout_s, read=60.0)
         while not self._closing.is_set() and failures < STREAM_FAILURES_BEFORE_POLLING:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from runtime.jobs import JobRecord, JobStore
 
 EventName = Literal["queued", "started", "progress", "succeeded", "failed", "canceled"]
+EVENT_NAMES: tuple[EventName, ...] = get_args(EventName)
 FINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
 
 
@@ -60,7 +61,9 @@ def event_data(job: JobRecord, queue: QueueInfo, base_url: str = "") -> dict[str
         video = f"{base_url}/jobs/{job.job_id}/video" if job.kind == "generate" else None
         data["video_url"] = video
         if job.result is not None:
-            data["result"] = job.result.model_dump(mode="json", exclude={"video", "record"})
+            data["result"] = job.result.model_dump(
+                mode="json", exclude={"kind", "video", "record", "reserved", "parked"}
+            )
     elif name == "failed":
         message = job.error or "the job failed"
         data["error"] = {"code": "job_failed", "message": message, "details": None}

@@ -25,6 +25,9 @@ class Watch:
 
     job_id: str
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Its own job changed since the stream last read it (else only the queue may have moved).
+    own: bool = True
+    steps: bool = True  # woken by every progress step, not only by status changes
     queued: bool = False  # also woken when other jobs start or finish (its position moves)
 
 
@@ -40,19 +43,29 @@ class JobFeed:
     def _on_change(self, change: JobChange) -> None:  # on the store's thread
         with self._lock:
             if change.job_id == EVERY_JOB:
-                woken = {watch for watches in self._watches.values() for watch in watches}
+                own = {watch for watches in self._watches.values() for watch in watches}
+                others: set[Watch] = set()
             else:
-                woken = set(self._watches.get(change.job_id, ()))
+                own = {w for w in self._watches.get(change.job_id, ()) if change.transition
+                       or w.steps}  # fmt: skip
+                others = set()
                 if change.transition:
-                    woken |= {w for ws in self._watches.values() for w in ws if w.queued}
-        for watch in woken:
-            self._loop.call_soon_threadsafe(watch.changed.set)
+                    others = {w for ws in self._watches.values() for w in ws if w.queued} - own
+        for watch in own:
+            self._loop.call_soon_threadsafe(self._wake, watch, True)
+        for watch in others:
+            self._loop.call_soon_threadsafe(self._wake, watch, False)
+
+    @staticmethod
+    def _wake(watch: Watch, own: bool) -> None:  # on the loop
+        watch.own = watch.own or own
+        watch.changed.set()
 
     @contextmanager
-    def watch(self, job_id: str) -> Iterator[Watch]:
+    def watch(self, job_id: str, *, steps: bool = True) -> Iterator[Watch]:
         """Register before reading the job: a change between the read and the wait still
-        wakes the stream."""
-        watch = Watch(job_id)
+        wakes the stream. ``steps=False``: woken by status changes only."""
+        watch = Watch(job_id, steps=steps)
         with self._lock:
             self._watches.setdefault(job_id, set()).add(watch)
         try:

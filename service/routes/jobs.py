@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -12,7 +14,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from memory_bank.storage import ObjectMissing
-from runtime.job_events import QueueInfo, event_data, event_name, queue_info
+from runtime.job_events import EVENT_NAMES, QueueInfo, event_data, event_name, queue_info
 from runtime.jobs import GenerateResult, JobRecord, preview_key
 from runtime.uploads import discard_upload
 from service.auth import Caller
@@ -26,6 +28,7 @@ from service.state import AppState
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 NOT_FOUND = {404: {"model": ErrorBody}}
+POSITION_EVERY_S = 1.0  # a queued job's stream re-reads its position at most this often
 
 
 def _own_job(state: AppState, caller: Caller, job_id: str) -> JobRecord:
@@ -72,38 +75,56 @@ async def job_events(
     state: StateDep,
     request: Request,
     last_event_id: Annotated[str | None, Header()] = None,
+    events: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description="comma-separated event names to send (default: all); a client that "
+            "only waits for the end asks for succeeded,failed,canceled",
+        ),
+    ] = None,
 ) -> EventSourceResponse:
     """Server-Sent Events of the job: its current state first, then every change (``queued``
     with the queue position, ``started``, ``progress``, ``succeeded``, ``failed``,
     ``canceled``) until a final one. Event ids are the record's revisions: reconnecting with
     ``Last-Event-ID`` skips what was already received. Comments keep an idle stream alive."""
+    wanted = set(EVENT_NAMES) if events is None else {e.strip() for e in events.split(",")}
+    unknown = sorted(wanted - set(EVENT_NAMES))
+    if unknown:
+        raise ApiError(422, "validation_error", f"events: unknown event names {unknown}; "
+                       f"choose among {list(EVENT_NAMES)}", [{"field": "events"}])  # fmt: skip
     await run_in_threadpool(_own_job, state, caller, job_id)
     feed: JobFeed = request.app.state.feed
     try:
         seen = int(last_event_id) if last_event_id else -1
     except ValueError:
         seen = -1
-    return EventSourceResponse(_events(state, feed, job_id, seen), ping=state.settings.event_ping_s)
+    stream = _events(state, feed, job_id, seen, wanted)
+    return EventSourceResponse(stream, ping=state.settings.event_ping_s)
 
 
 async def _events(
-    state: AppState, feed: JobFeed, job_id: str, seen: int
+    state: AppState, feed: JobFeed, job_id: str, seen: int, wanted: set[str]
 ) -> AsyncIterator[ServerSentEvent]:
     position: int | None = None
-    with feed.watch(job_id) as watch:
+    positions_read = 0.0
+    with feed.watch(job_id, steps="progress" in wanted) as watch:
         while True:
+            if not watch.own:  # only the queue moved: re-read it once a second at most
+                await asyncio.sleep(max(0.0, positions_read + POSITION_EVERY_S - time.monotonic()))
             watch.changed.clear()
+            watch.own = False
             job = await run_in_threadpool(state.store.get, job_id)
             if job is None:  # expired from the store while streamed
                 return
             job, queue = await run_in_threadpool(_with_queue, state, job)
-            watch.queued = job.status == "queued"
+            positions_read = time.monotonic()
+            name = event_name(job)
+            watch.queued = job.status == "queued" and "queued" in wanted
             moved = watch.queued and queue.position != position
-            if job.revision > seen or moved:
+            if (job.revision > seen or moved) and name in wanted:
                 yield ServerSentEvent(
-                    data=json.dumps(event_data(job, queue)),
-                    event=event_name(job),
-                    id=str(job.revision),
+                    data=json.dumps(event_data(job, queue)), event=name, id=str(job.revision)
                 )
                 seen, position = job.revision, queue.position
             if job.finished:

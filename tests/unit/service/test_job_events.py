@@ -214,3 +214,14 @@ def test_live_previews_stream_their_url_and_change_no_pixel(client, tmp_path):
     assert with_previews == client.get(f"/jobs/{plain}/video").content
     stream = events(client, plain)
     assert all("preview_url" not in json.loads(e.data) for e in stream)
+
+
+def test_a_stream_can_ask_for_the_end_only(client):
+    job_id = submit(client, steps=4)
+    stream = []
+    with connect_sse(client, "GET", f"/jobs/{job_id}/events",
+                     params={"events": "succeeded,failed,canceled"}) as source:  # fmt: skip
+        stream = [event for event in source.iter_sse() if event.data]
+    assert [event.event for event in stream] == ["succeeded"]
+    bad = client.get(f"/jobs/{job_id}/events", params={"events": "succeeded,nope"})
+    assert bad.status_code == 422 and "nope" in bad.json()["error"]["message"]

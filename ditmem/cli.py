@@ -18,6 +18,7 @@ from runtime.settings import Settings
 
 if TYPE_CHECKING:  # the CLI starts fast: torch and the bank load only in the commands that use them
     from memory_bank.bank import MemoryBank
+    from model.caching import CacheSpec
     from model.pipeline import MemoryWanPipeline
     from runtime.batch import PlannedVideo
     from runtime.batch_outputs import BatchOptions, BatchSummary
@@ -43,6 +44,14 @@ WidthOption = Annotated[int | None, typer.Option()]
 StepsOption = Annotated[int | None, typer.Option(help="Denoising steps.")]
 GuidanceOption = Annotated[float | None, typer.Option()]
 DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")]
+CacheOption = Annotated[
+    str | None,
+    typer.Option(help="Step cache: none or first-block (skips steps that change little)."),
+]
+CacheThresholdOption = Annotated[
+    float | None,
+    typer.Option(min=0, max=1, help="The cache's threshold (first-block: 0.05; 0 never skips)."),
+]
 ProfileOption = Annotated[
     str | None,
     typer.Option(
@@ -82,6 +91,15 @@ def user_errors() -> Iterator[None]:
         return
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _cache_spec(kind: str | None, threshold: float | None) -> CacheSpec | None:
+    """``--cache``/``--cache-threshold`` as the request's ``cache`` (validated there)."""
+    from model.caching import CacheSpec
+
+    if kind is None and threshold is None:
+        return None
+    return CacheSpec.model_validate({"kind": kind or "first-block", "threshold": threshold})
 
 
 def _settings(**overrides: object) -> Settings:
@@ -127,6 +145,8 @@ def generate(
     ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     profile: ProfileOption = None,
+    cache: CacheOption = None,
+    cache_threshold: CacheThresholdOption = None,
     wan_path: Annotated[Path | None, typer.Option(help="Wan2.1-T2V-1.3B-Diffusers folder.")] = None,
     dit_mem_path: Annotated[Path | None, typer.Option(help="DiT-Mem-1.3B.safetensors.")] = None,
     device: DeviceOption = None,
@@ -151,6 +171,7 @@ def generate(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_frames=frames, steps=steps, guidance_scale=guidance_scale, seed=seed,
             memory_guidance=memory_guidance, profile=profile, memory=MemoryOptions(k=retrieve),
+            cache=_cache_spec(cache, cache_threshold),
         )  # fmt: skip
         with contextlib.ExitStack() as resources:
             opened: MemoryBank | None = None
@@ -196,6 +217,8 @@ def batch(
     steps: StepsOption = None,
     guidance_scale: GuidanceOption = None,
     profile: ProfileOption = None,
+    cache: CacheOption = None,
+    cache_threshold: CacheThresholdOption = None,
     device: DeviceOption = None,
     server: Annotated[
         str | None,
@@ -224,7 +247,7 @@ def batch(
         options = BatchOptions(
             retrieve=retrieve, negative_prompt=negative_prompt, num_frames=frames,
             height=height, width=width, steps=steps, guidance_scale=guidance_scale,
-            profile=profile,
+            profile=profile, cache=_cache_spec(cache, cache_threshold),
         )  # fmt: skip
         if server is None:
             from runtime.batch_runner import run_batch
@@ -649,6 +672,8 @@ def toy_eval(
     ] = None,
     strips: Annotated[Path | None, typer.Option(help="Write PNG frame strips here.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    cache: CacheOption = None,
+    cache_threshold: CacheThresholdOption = None,
 ) -> None:
     """Motion and colour accuracy without memory, with right- and with wrong-motion memory."""
     from ditmem.toy import ToyEvalConfig, run_toy_eval
@@ -657,6 +682,7 @@ def toy_eval(
 
     with user_errors():
         choices = {} if memory_guidance is None else {"memory_guidance": memory_guidance}
+        choices["cache"] = _cache_spec(cache, cache_threshold)
         config = ToyEvalConfig(samples=samples, k=k, seed=seed, **choices)
         pipe = MemoryWanPipeline(**build_toy_components(weights))
         pipe.set_progress_bar_config(disable=True)

@@ -14,6 +14,7 @@ import math
 import random
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from pydantic import BaseModel, Field
 from memory_bank.bank import MemoryBank
 from memory_bank.embed import TextEmbedder, open_text_embedder
 from memory_bank.ingest import ClipIngestor
+from model.caching import CacheSpec
 from model.pipeline import MemoryWanPipeline
 from model.presets import TOY
 from model.toy.world import COLOURS, MOTIONS, ClipSpec, prompt_for, render_one, sample_spec
@@ -120,6 +122,7 @@ class ToyEvalConfig(BaseModel):
     memory_guidance: bool = TOY.memory_guidance
     seed: int = 0
     batch_size: int = Field(64, ge=1)
+    cache: CacheSpec = Field(default_factory=CacheSpec)
 
 
 @dataclass
@@ -129,6 +132,8 @@ class ConditionResult:
     colour_accuracy: float
     missing: float
     follows_memory: float | None = None  # wrong memory only: motion == the memory's motion
+    passes_per_video: float = 0.0  # full transformer passes (both guidance branches)
+    seconds: float = 0.0  # generating this condition's clips
 
 
 @dataclass
@@ -164,8 +169,9 @@ class ToyEvalReport:
 
     def table(self) -> str:
         lines = [
-            "| condition | motion accuracy | colour accuracy | ball missing | follows memory |",
-            "|---|---|---|---|---|",
+            "| condition | motion accuracy | colour accuracy | ball missing | follows memory "
+            "| transformer passes / video |",
+            "|---|---|---|---|---|---|",
         ]
         labels = {
             "none": "no memory",
@@ -176,7 +182,7 @@ class ToyEvalReport:
             follows = "" if c.follows_memory is None else f"{c.follows_memory:.1%}"
             lines.append(
                 f"| {labels[c.name]} | {c.motion_accuracy:.1%} | {c.colour_accuracy:.1%} "
-                f"| {c.missing:.1%} | {follows} |"
+                f"| {c.missing:.1%} | {follows} | {c.passes_per_video:.1f} |"
             )
         return "\n".join(lines)
 
@@ -242,21 +248,27 @@ def run_toy_eval(
     expected_colours = [c for c, _ in targets]
     conditions, videos = [], {}
     for name, memory in (("none", None), ("right", right_memory), ("wrong", wrong_memory)):
+        passes: list[int] = []
+        started = time.perf_counter()
         videos[name] = sample(
             pipe, prompts, memory, seeds,
             steps=config.steps, guidance_scale=config.guidance_scale,
             memory_guidance=config.memory_guidance, batch_size=config.batch_size,
+            cache=config.cache, passes=passes,
         )  # fmt: skip
+        seconds = time.perf_counter() - started
         judged = judge(videos[name], motions, expected_colours)
         result = ConditionResult(
-            name, judged.motion_accuracy, judged.colour_accuracy, judged.missing
-        )
+            name, judged.motion_accuracy, judged.colour_accuracy, judged.missing,
+            passes_per_video=sum(passes) / len(passes), seconds=seconds,
+        )  # fmt: skip
         if name == "wrong":
             followed = sum(m == w for m, w in zip(judged.motions, wrong, strict=True))
             result.follows_memory = followed / config.samples
         conditions.append(result)
         report(
             f"{name:>5}: motion {result.motion_accuracy:.1%} colour {result.colour_accuracy:.1%}"
+            f" ({result.passes_per_video:.1f} transformer passes a video, {seconds:.1f} s)"
         )
 
     strips = []

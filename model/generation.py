@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from model.caching import CacheSpec
 from model.errors import InvalidRequest
 from model.pipeline import CancelCheck, LatentsCallback, MemoryWanPipeline, ProgressCallback
 from model.preprocess import load_memory_clip
@@ -46,6 +47,7 @@ class GenerationParams(BaseModel):
     seed: int
     memory_guidance: bool
     profile: Profile = "default"
+    cache: CacheSpec = Field(default_factory=CacheSpec)
 
     @classmethod
     def resolve(
@@ -62,6 +64,7 @@ class GenerationParams(BaseModel):
         seed: int | None = None,
         memory_guidance: bool | None = None,
         profile: Profile | None = None,
+        cache: CacheSpec | dict | None = None,
     ) -> GenerationParams:
         """Fill unset fields from ``preset`` (under the ``reference`` profile from
         ``preset.reference``: the reference's steps, guidance, negative prompt and memory in
@@ -99,6 +102,7 @@ class GenerationParams(BaseModel):
                 default_memory_guidance if memory_guidance is None else bool(memory_guidance)
             ),
             profile=profile,
+            cache=CacheSpec.model_validate(cache or {}).resolved(),
         )
         preset.check(
             height=params.height,
@@ -148,6 +152,7 @@ def generate(
         memory=memory,
         memory_guidance=params.memory_guidance,
         profile=params.profile,
+        cache=params.cache,
         height=params.height,
         width=params.width,
         num_frames=params.num_frames,

@@ -19,6 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers import SchedulerMixin
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
+from model.caching import CacheSpec, step_cache
 from model.encoder import MemoryEncoder
 from model.errors import GenerationCancelled, InvalidRequest
 from model.injection import MemoryInjector, transformer_width
@@ -137,6 +138,7 @@ class MemoryWanPipeline(WanPipeline):
         should_cancel: CancelCheck | None = None,
         on_latents: LatentsCallback | None = None,
         latents_every: int = 0,
+        cache: CacheSpec | None = None,
         **kwargs: Any,
     ):
         """Generate videos; every argument of ``WanPipeline.__call__`` is accepted.
@@ -156,6 +158,8 @@ class MemoryWanPipeline(WanPipeline):
                 the run with :class:`GenerationCancelled` (the VAE decode is skipped too).
             on_latents: Called as ``on_latents(step, latents)`` after every ``latents_every``-th
                 step (before ``on_progress``) with the latents being denoised (live previews).
+            cache: A step cache for this call only (``model.caching``); its state never
+                outlives the call, cancelled or not.
         """
         if prompt is not None and any(not p.strip() for p in _as_list(prompt)):
             raise InvalidRequest("prompt must not be empty")
@@ -187,7 +191,7 @@ class MemoryWanPipeline(WanPipeline):
         injected = self.memory_injector.use(memory_tokens, conditional_only=memory_guidance)
         reference = profile == "reference"
         sampling = self._reference_sampling() if reference else contextlib.nullcontext()
-        with injected, quiet, sampling:
+        with injected, quiet, sampling, step_cache(self.transformer, cache):
             return super().__call__(
                 prompt=prompt,
                 negative_prompt=negative_prompt,

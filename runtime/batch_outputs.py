@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
+from model.caching import CacheSpec
 from model.errors import InvalidClip
 from model.preprocess import probe_clip
 from model.profiles import Profile
@@ -42,10 +43,11 @@ class BatchOptions(BaseModel):
     steps: int | None = None
     guidance_scale: float | None = None
     profile: Profile | None = None
+    cache: CacheSpec | None = None
 
     def request_body(self, video: PlannedVideo) -> dict[str, Any]:
         """The ``POST /generate`` body (and ``GenerationRequest`` fields) of one video."""
-        shared = self.model_dump(exclude={"retrieve"}, exclude_none=True)
+        shared = self.model_dump(mode="json", exclude={"retrieve"}, exclude_none=True)
         return {"prompt": video.prompt.prompt, "seed": video.seed,
                 "memory": {"k": self.retrieve}, **shared}  # fmt: skip
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from memory_bank.bank import MemoryBank
 from model.atomic import atomic_write_text
+from model.caching import CacheSpec
 from model.generation import (
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -75,6 +76,11 @@ class GenerationRequest(BaseModel):
         "DiT-Mem reference implementation's sampler, noise and defaults; default: the preset's)",
     )
     memory: MemoryOptions = Field(default_factory=MemoryOptions)
+    cache: CacheSpec | None = Field(
+        None,
+        description="a step cache: {kind: none | first-block, threshold} (skips transformer "
+        "work on steps that change little; threshold 0 never skips)",
+    )
     preview_every: int | None = Field(
         None,
         ge=1,

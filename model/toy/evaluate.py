@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model.caching import CacheSpec, counting_passes
 from model.tokens import ClipTokens
 from model.toy.classify import read
 from model.toy.world import FRAMES, SIZE, ClipSpec, render
@@ -28,30 +29,37 @@ def sample(
     guidance_scale: float,
     memory_guidance: bool = False,
     batch_size: int = 64,
+    cache: CacheSpec | None = None,
+    passes: list[int] | None = None,
 ) -> torch.Tensor:
     """Generate one clip per prompt: ``(N, 3, F, H, W)`` float in [-1, 1].
 
     Sample ``i`` starts from noise seeded with ``seeds[i]``, so two conditions with the same
-    seeds differ only by their memory.
+    seeds differ only by their memory. ``passes`` receives, per clip, the full transformer
+    passes that made it (a step cache makes fewer).
     """
     out = []
     for start in range(0, len(prompts), batch_size):
         stop = min(start + batch_size, len(prompts))
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start:stop]]
-        frames = pipe(
-            prompt=list(prompts[start:stop]),
-            negative_prompt=[""] * (stop - start),
-            memory=None if memories is None else list(memories[start:stop]),
-            memory_guidance=memory_guidance,
-            height=SIZE,
-            width=SIZE,
-            num_frames=FRAMES,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            max_sequence_length=pipe.tokenizer.model_max_length,
-            output_type="pt",
-        ).frames  # (B, F, 3, H, W) in [0, 1]
+        with counting_passes(pipe.transformer) as counter:
+            frames = pipe(
+                prompt=list(prompts[start:stop]),
+                negative_prompt=[""] * (stop - start),
+                memory=None if memories is None else list(memories[start:stop]),
+                memory_guidance=memory_guidance,
+                height=SIZE,
+                width=SIZE,
+                num_frames=FRAMES,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                max_sequence_length=pipe.tokenizer.model_max_length,
+                output_type="pt",
+                cache=cache,
+            ).frames  # (B, F, 3, H, W) in [0, 1]
+        if passes is not None:
+            passes += [counter.passes] * (stop - start)
         out.append(frames.permute(0, 2, 1, 3, 4) * 2.0 - 1.0)
     return torch.cat(out)
 

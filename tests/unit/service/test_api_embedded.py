@@ -126,6 +126,16 @@ def test_the_reference_profile_fills_the_references_defaults(client):
     assert wait(client, plain["id"])["params"]["profile"] == "default"
 
 
+def test_a_step_cache_is_a_parameter_of_the_job(client):
+    body = {"prompt": "a red ball", "memory": {"k": 0}, "cache": {"kind": "first-block"}}
+    job = wait(client, client.post("/generate", json=body).json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["params"]["cache"] == {"kind": "first-block", "threshold": 0.05}
+    plain = wait(client, client.post("/generate", json={"prompt": "x", "memory": {"k": 0}})
+                 .json()["id"])  # fmt: skip
+    assert plain["params"]["cache"] == {"kind": "none", "threshold": None}
+
+
 def test_pinned_clips_are_used_instead_of_retrieval(client, clip_id):
     accepted = client.post(
         "/generate", json={"prompt": "anything", "memory": {"clip_ids": [clip_id]}}
@@ -195,6 +205,8 @@ def test_jobs_are_listed_newest_first(client):
         ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
         ({"prompt": "x", "memory_guidance": "maybe"}, "memory_guidance"),
         ({"prompt": "x", "profile": "fast"}, "profile"),
+        ({"prompt": "x", "cache": {"kind": "mag"}}, "cache"),
+        ({"prompt": "x", "cache": {"kind": "first-block", "threshold": 2}}, "cache"),
         ({"prompt": "x", "memory": {"k": 17}}, "memory.k"),
         ({"prompt": "x", "memory": {"min_score": 2}}, "memory.min_score"),
         ({"prompt": "x", "colour": "red"}, "colour"),

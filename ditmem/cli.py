@@ -682,7 +682,9 @@ def toy_eval(
 
     with user_errors():
         choices = {} if memory_guidance is None else {"memory_guidance": memory_guidance}
-        choices["cache"] = _cache_spec(cache, cache_threshold)
+        spec = _cache_spec(cache, cache_threshold)
+        if spec is not None:
+            choices["cache"] = spec
         config = ToyEvalConfig(samples=samples, k=k, seed=seed, **choices)
         pipe = MemoryWanPipeline(**build_toy_components(weights))
         pipe.set_progress_bar_config(disable=True)

@@ -15,7 +15,6 @@ from runtime.jobs import JobRecord, JobStore
 
 EventName = Literal["queued", "started", "progress", "succeeded", "failed", "canceled"]
 EVENT_NAMES: tuple[EventName, ...] = get_args(EventName)
-FINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
 
 
 @dataclass(frozen=True)

@@ -254,7 +254,11 @@ class JobRunner:
         if not spec.preview_every:
             return None
         if self._previewer is None:  # fitted once per worker, at the first job that asks
-            self._previewer = LatentPreviewer.for_vae(self.pipe.vae)
+            try:
+                self._previewer = LatentPreviewer.for_vae(self.pipe.vae)
+            except Exception as error:  # a preview is a nicety: the video goes on without
+                logger.warning("job %s: no live previews (%s)", job.job_id, error)
+                return None
         key = preview_key(job.job_id, job.attempts)
         return PreviewPublisher(self._previewer, self.results, key)
 

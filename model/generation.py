@@ -64,7 +64,7 @@ class GenerationParams(BaseModel):
         seed: int | None = None,
         memory_guidance: bool | None = None,
         profile: Profile | None = None,
-        cache: CacheSpec | dict | None = None,
+        cache: CacheSpec | None = None,
     ) -> GenerationParams:
         """Fill unset fields from ``preset`` (under the ``reference`` profile from
         ``preset.reference``: the reference's steps, guidance, negative prompt and memory in
@@ -102,7 +102,7 @@ class GenerationParams(BaseModel):
                 default_memory_guidance if memory_guidance is None else bool(memory_guidance)
             ),
             profile=profile,
-            cache=CacheSpec.model_validate(cache or {}).resolved(),
+            cache=(cache or CacheSpec()).resolved(),
         )
         preset.check(
             height=params.height,

@@ -123,7 +123,8 @@ def resolve_generation(
         InvalidRequest: a parameter is outside the preset's bounds.
         ClipNotFound: a pinned clip does not exist.
     """
-    fields = request.model_dump(exclude={"prompt", "memory", "preview_every"})
+    # The fields as they are (a shallow read): the cache stays a CacheSpec, not a dict.
+    fields = {k: v for k, v in request if k not in {"prompt", "memory", "preview_every"}}
     params = GenerationParams.resolve(preset, request.prompt, **fields)
     memory = select_memory(bank, params.prompt, request.memory, metrics)
     return GenerateSpec(params=params, memory=memory, preview_every=request.preview_every)

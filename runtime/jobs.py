@@ -343,6 +343,11 @@ class JobChange(BaseModel):
     # of the jobs behind it may have moved; a progress step moves none.
     transition: bool
 
+    @classmethod
+    def of(cls, job: JobRecord, *, transition: bool) -> JobChange:
+        return cls(job_id=job.job_id, revision=job.revision, status=job.status,
+                   transition=transition)  # fmt: skip
+
 
 def _queued_ahead(other: JobRecord, job: JobRecord) -> bool:
     """``other`` is queued before ``job`` in the queue of their kind (first in, first out)."""
@@ -548,8 +553,7 @@ class MemoryJobStore(JobStore):
         return lambda: self._listeners.remove(listener)
 
     def _announce(self, job: JobRecord, transition: bool) -> None:
-        change = JobChange(job_id=job.job_id, revision=job.revision, status=job.status,
-                           transition=transition)  # fmt: skip
+        change = JobChange.of(job, transition=transition)
         for listener in list(self._listeners):
             try:
                 listener(change)
@@ -756,8 +760,7 @@ class RedisJobStore(JobStore):
             pipe.zrem(queue, job.job_id)
 
     def _publish(self, pipe: redis.client.Pipeline, job: JobRecord, transition: bool) -> None:
-        change = JobChange(job_id=job.job_id, revision=job.revision, status=job.status,
-                           transition=transition)  # fmt: skip
+        change = JobChange.of(job, transition=transition)
         pipe.publish(self._changes_channel, change.model_dump_json())
 
     @staticmethod

@@ -51,17 +51,23 @@ def list_jobs(
     return JobPage(items=[JobView.of(j) for j in jobs], total=total, offset=offset, limit=limit)
 
 
-def _with_queue(state: AppState, job: JobRecord) -> tuple[JobRecord, QueueInfo]:
+def _queue_of(state: AppState, job: JobRecord) -> QueueInfo:
+    """Where a queued job stands (the worker count is only asked for a queued one)."""
     if job.status != "queued":
-        return job, QueueInfo(None, None)
-    return job, queue_info(state.store, job, state.workers_ready())
+        return QueueInfo(None, None)
+    return queue_info(state.store, job, state.workers_ready())
+
+
+def _read_with_queue(state: AppState, job_id: str) -> tuple[JobRecord | None, QueueInfo]:
+    job = state.store.get(job_id)
+    return job, QueueInfo(None, None) if job is None else _queue_of(state, job)
 
 
 @router.get("/{job_id}", response_model=JobView, responses=NOT_FOUND)
 def get_job(job_id: str, caller: CallerDep, state: StateDep) -> JobView:
     """A job's state; a queued one says how many jobs are ahead of it and when it may start."""
-    job, queue = _with_queue(state, _own_job(state, caller, job_id))
-    return JobView.of(job, queue)
+    job = _own_job(state, caller, job_id)
+    return JobView.of(job, _queue_of(state, job))
 
 
 @router.get(
@@ -114,10 +120,9 @@ async def _events(
                 await asyncio.sleep(max(0.0, positions_read + POSITION_EVERY_S - time.monotonic()))
             watch.changed.clear()
             watch.own = False
-            job = await run_in_threadpool(state.store.get, job_id)
+            job, queue = await run_in_threadpool(_read_with_queue, state, job_id)
             if job is None:  # expired from the store while streamed
                 return
-            job, queue = await run_in_threadpool(_with_queue, state, job)
             positions_read = time.monotonic()
             name = event_name(job)
             watch.queued = job.status == "queued" and "queued" in wanted

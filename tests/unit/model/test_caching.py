@@ -10,25 +10,10 @@ from pydantic import ValidationError
 
 from model.caching import CacheSpec, counting_passes
 from model.errors import GenerationCancelled
-from model.pipeline import MemoryWanPipeline
 from model.presets import TINY
-from model.tiny import build_tiny_components
 
 STEPS, FRAMES, SIZE = 6, 9, 64
 SKIPPING = CacheSpec(kind="first-block", threshold=0.9)
-
-
-@pytest.fixture(scope="module")
-def pipe() -> MemoryWanPipeline:
-    pipe = MemoryWanPipeline(**build_tiny_components(0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def memory(pipe):
-    videos = torch.rand(2, 3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
-    return pipe.resample_clips(videos * 2 - 1)
 
 
 def run(pipe, memory=None, cache=None, seed=0, **kwargs) -> tuple[torch.Tensor, int]:
@@ -43,25 +28,25 @@ def run(pipe, memory=None, cache=None, seed=0, **kwargs) -> tuple[torch.Tensor, 
 
 
 @pytest.mark.parametrize("memory_guidance", [False, True])
-def test_a_threshold_of_zero_changes_no_bit(pipe, memory, memory_guidance):
-    plain, plain_passes = run(pipe, memory, memory_guidance=memory_guidance)
-    cached, cached_passes = run(pipe, memory, CacheSpec(kind="first-block", threshold=0),
+def test_a_threshold_of_zero_changes_no_bit(pipe, clip_tokens, memory_guidance):
+    plain, plain_passes = run(pipe, clip_tokens, memory_guidance=memory_guidance)
+    cached, cached_passes = run(pipe, clip_tokens, CacheSpec(kind="first-block", threshold=0),
                                 memory_guidance=memory_guidance)  # fmt: skip
     assert torch.equal(plain, cached)
     assert plain_passes == cached_passes == 2 * STEPS  # both guidance branches, every step
 
 
-def test_a_skipping_cache_runs_fewer_passes_and_memory_still_matters(pipe, memory):
-    with_memory, passes = run(pipe, memory, SKIPPING)
+def test_a_skipping_cache_runs_fewer_passes_and_memory_still_matters(pipe, clip_tokens):
+    with_memory, passes = run(pipe, clip_tokens, SKIPPING)
     without, _ = run(pipe, None, SKIPPING)
-    full, _ = run(pipe, memory)
+    full, _ = run(pipe, clip_tokens)
     assert passes < 2 * STEPS, passes  # it skipped
     assert (with_memory - without).abs().max() > 1e-4  # the memory still changes the video
     assert (with_memory - full).abs().max() > 0  # and skipping changed it a little
 
 
-def test_no_cached_state_outlives_a_call_even_a_cancelled_one(pipe, memory):
-    first, _ = run(pipe, memory, SKIPPING)
+def test_no_cached_state_outlives_a_call_even_a_cancelled_one(pipe, clip_tokens):
+    first, _ = run(pipe, clip_tokens, SKIPPING)
 
     def cancel_after_two(step: int, total: int) -> None:
         if step == 2:
@@ -70,7 +55,7 @@ def test_no_cached_state_outlives_a_call_even_a_cancelled_one(pipe, memory):
     with pytest.raises(GenerationCancelled):
         run(pipe, None, SKIPPING, seed=9, on_progress=cancel_after_two)
     assert not pipe.transformer.is_cache_enabled
-    again, _ = run(pipe, memory, SKIPPING)
+    again, _ = run(pipe, clip_tokens, SKIPPING)
     assert torch.equal(first, again)  # nothing of the cancelled request's residuals was used
 
 

@@ -13,10 +13,9 @@ from diffusers import WanPipeline
 from model import injection
 from model.errors import GenerationCancelled, InvalidRequest, LatentShapeError
 from model.generation import GenerationParams
-from model.pipeline import MemoryWanPipeline
 from model.presets import TINY, TOY
 from model.tiny import build_tiny_components
-from model.tokens import ClipTokens, MemoryTokens
+from model.tokens import MemoryTokens
 
 NUM_FRAMES, HEIGHT, WIDTH, STEPS = 9, 64, 64, 2
 PROMPT = "a red ball rolling across a wooden table"
@@ -35,9 +34,7 @@ def silence(pipe):
     return pipe
 
 
-@pytest.fixture(scope="module")
-def pipe() -> MemoryWanPipeline:
-    return silence(MemoryWanPipeline(**build_tiny_components(0)))
+# ``pipe`` and ``clip_tokens`` (two random 9-frame 64x64 clips) come from the conftest.
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +43,6 @@ def stock_pipe() -> WanPipeline:
     components = build_tiny_components(0)
     del components["memory_encoder"]
     return silence(WanPipeline(**components))
-
-
-@pytest.fixture(scope="module")
-def clip_tokens(pipe) -> ClipTokens:
-    """Per-clip memory tokens of two random clips in [-1, 1]."""
-    videos = torch.rand(2, 3, NUM_FRAMES, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(7))
-    return pipe.resample_clips(videos * 2 - 1)
 
 
 def generate(pipeline, seed: int = 0, prompt: str = PROMPT, **kwargs) -> np.ndarray:

@@ -26,7 +26,6 @@ from model.sampling import (
     as_dit_timesteps,
     reference_noise,
 )
-from model.tiny import build_tiny_components
 
 GOLDEN = json.loads((Path(__file__).parents[2] / "golden" / "sampler_golden.json").read_text())
 SCHEDULES = sorted(GOLDEN["schedules"], key=int)
@@ -109,24 +108,11 @@ PROMPT, NEGATIVE = "a red ball falls onto the floor", "blurry, static"
 SEED, GUIDANCE, FRAMES, SIZE = 42, 5.0, 9, 64
 
 
-@pytest.fixture(scope="module")
-def pipe() -> MemoryWanPipeline:
-    pipe = MemoryWanPipeline(**build_tiny_components(0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def memory(pipe):
-    videos = torch.rand(2, 3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
-    return pipe.resample_clips(videos * 2 - 1)
-
-
-def run_pipeline(pipe, memory, profile: str) -> torch.Tensor:
+def run_pipeline(pipe, clip_tokens, profile: str) -> torch.Tensor:
     return pipe(
         PROMPT,
         NEGATIVE,
-        memory=memory,
+        memory=clip_tokens,
         profile=profile,
         num_inference_steps=4,
         guidance_scale=GUIDANCE,
@@ -140,7 +126,7 @@ def run_pipeline(pipe, memory, profile: str) -> torch.Tensor:
 
 
 @torch.no_grad()  # as the pipeline runs: autograd would pick other attention kernels
-def loop_from_the_fixture(pipe: MemoryWanPipeline, memory) -> torch.Tensor:
+def loop_from_the_fixture(pipe: MemoryWanPipeline, clip_tokens) -> torch.Tensor:
     """The reference's sampling written out from the fixture: its noise, its sigmas and bf16
     timesteps, CFG with the same memory in both branches, ``x + v * (sigma_next - sigma)``."""
     schedule = GOLDEN["schedules"]["4"]
@@ -152,7 +138,7 @@ def loop_from_the_fixture(pipe: MemoryWanPipeline, memory) -> torch.Tensor:
         PROMPT, NEGATIVE, max_sequence_length=TINY.max_sequence_length, device="cpu"
     )
     sigmas = schedule["sigmas"] + [0.0]
-    tokens = pipe.encode_memory(memory)
+    tokens = pipe.encode_memory(clip_tokens)
     with pipe.memory_injector.use(tokens, conditional_only=False):
         for number, timestep in enumerate(schedule["timesteps_as_fed_to_dit_bf16"]):
             t = torch.tensor([timestep])
@@ -164,20 +150,20 @@ def loop_from_the_fixture(pipe: MemoryWanPipeline, memory) -> torch.Tensor:
     return latents
 
 
-def test_a_tiny_run_with_memory_and_guidance_is_the_fixture_loop(pipe, memory):
-    expected = loop_from_the_fixture(pipe, memory)
-    got = run_pipeline(pipe, memory, "reference")
+def test_a_tiny_run_with_memory_and_guidance_is_the_fixture_loop(pipe, clip_tokens):
+    expected = loop_from_the_fixture(pipe, clip_tokens)
+    got = run_pipeline(pipe, clip_tokens, "reference")
     assert got.shape == expected.shape == (1, 16, 3, 8, 8)
     assert torch.equal(got, expected), (got - expected).abs().max()
     # The run could tell the profiles apart: diffusers' UniPC on its own schedule differs.
-    assert (run_pipeline(pipe, memory, "default") - expected).abs().max() > 1e-3
+    assert (run_pipeline(pipe, clip_tokens, "default") - expected).abs().max() > 1e-3
     # And the memory mattered in it.
     assert (run_pipeline(pipe, None, "reference") - expected).abs().max() > 1e-4
 
 
-def test_the_folders_scheduler_is_back_after_a_reference_run(pipe, memory):
+def test_the_folders_scheduler_is_back_after_a_reference_run(pipe, clip_tokens):
     own = pipe.scheduler
-    run_pipeline(pipe, memory, "reference")
+    run_pipeline(pipe, clip_tokens, "reference")
     assert pipe.scheduler is own
     assert pipe._noise_dtype is None
 

@@ -214,7 +214,9 @@ def list_clips(
     caller: CallerDep,
     bank: BankDep,
     cursor: Annotated[
-        int | None, Query(ge=1, description="the ``next_cursor`` of the previous page")
+        # Bounded like clip ids: a larger number would overflow the manifest's integer column.
+        int | None,
+        Query(ge=1, le=2**62, description="the ``next_cursor`` of the previous page"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     tag: Annotated[str | None, Query(max_length=64)] = None,

@@ -85,6 +85,8 @@ def test_upload_appears_in_listing_search_and_has_a_poster(client, clip_id):
     older = client.get("/memory", params={"cursor": clip_id}).json()
     assert older["items"] == [] and older["next_cursor"] is None
     assert client.get("/memory", params={"tag": "red"}).json()["total"] is None  # never counted
+    huge = client.get("/memory", params={"cursor": 2**63})  # past SQLite's integers
+    assert huge.status_code == 422 and "cursor" in huge.json()["error"]["message"]
     offset = client.get("/memory", params={"offset": 10})
     assert offset.status_code == 422 and "cursor" in offset.json()["error"]["message"]
 

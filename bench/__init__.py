@@ -1,0 +1,1 @@
+import model  # noqa: F401  (first: it quiets known import-time warnings of its libraries)

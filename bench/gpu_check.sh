@@ -15,3 +15,5 @@ python3 -m bench.gpu_attention | tee "$out/gpu_attention.json"
 python3 -m bench.step_time --config wan1.3b --device cuda --warmup 2 --repeats 5 | tee "$out/step_time_wan1.3b_gpu.json"
 
 python3 -m bench.step_time --config wan1.3b --device cuda --precision | tee "$out/precision_wan1.3b_gpu.json"
+# Speed and memory options: step time and peak VRAM, none / First Block Cache / group offload / int8.
+python3 -m bench.gpu_placement --config wan1.3b --device cuda --steps 8 | tee "$out/placement_wan1.3b_gpu.json"

@@ -46,11 +46,34 @@ GuidanceOption = Annotated[float | None, typer.Option()]
 DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 CacheOption = Annotated[
     str | None,
-    typer.Option(help="Step cache: none or first-block (skips steps that change little)."),
+    typer.Option(
+        help="Step cache: none, first-block, mag or taylorseer (skip transformer work on steps "
+        "that change little)."
+    ),
 ]
 CacheThresholdOption = Annotated[
     float | None,
-    typer.Option(min=0, max=1, help="The cache's threshold (first-block: 0.05; 0 never skips)."),
+    typer.Option(
+        min=0, max=1, help="first-block and mag: the threshold (0.05, 0.06; 0 never skips)."
+    ),
+]
+CacheIntervalOption = Annotated[
+    int | None,
+    typer.Option(min=1, max=50, help="taylorseer: one full step in this many (default 2)."),
+]
+OffloadOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Keep idle weights off the device: none, model or group (DITMEM_OFFLOAD; on a CPU "
+        "they wait in files)."
+    ),
+]
+GroupBlocksOption = Annotated[
+    int | None, typer.Option(min=1, max=64, help="Group offload: transformer blocks per group.")
+]
+QuantizeOption = Annotated[
+    str | None,
+    typer.Option(help="Transformer block weights: none, int8 or fp8 (DITMEM_QUANTIZE; fp8: GPU)."),
 ]
 ProfileOption = Annotated[
     str | None,
@@ -93,13 +116,18 @@ def user_errors() -> Iterator[None]:
     raise typer.Exit(code=2)
 
 
-def _cache_spec(kind: str | None, threshold: float | None) -> CacheSpec | None:
-    """``--cache``/``--cache-threshold`` as the request's ``cache`` (validated there)."""
+def _cache_spec(
+    kind: str | None, threshold: float | None, interval: int | None = None
+) -> CacheSpec | None:
+    """``--cache``/``--cache-threshold``/``--cache-interval`` as the request's ``cache``
+    (validated there); a knob alone names its kind's default (threshold: first-block)."""
     from model.caching import CacheSpec
 
-    if kind is None and threshold is None:
+    if kind is None and threshold is None and interval is None:
         return None
-    return CacheSpec.model_validate({"kind": kind or "first-block", "threshold": threshold})
+    if kind is None:
+        kind = "taylorseer" if interval is not None else "first-block"
+    return CacheSpec.model_validate({"kind": kind, "threshold": threshold, "interval": interval})
 
 
 def _settings(**overrides: object) -> Settings:
@@ -147,13 +175,17 @@ def generate(
     profile: ProfileOption = None,
     cache: CacheOption = None,
     cache_threshold: CacheThresholdOption = None,
+    cache_interval: CacheIntervalOption = None,
+    offload: OffloadOption = None,
+    offload_group_blocks: GroupBlocksOption = None,
+    quantize: QuantizeOption = None,
     wan_path: Annotated[Path | None, typer.Option(help="Wan2.1-T2V-1.3B-Diffusers folder.")] = None,
     dit_mem_path: Annotated[Path | None, typer.Option(help="DiT-Mem-1.3B.safetensors.")] = None,
     device: DeviceOption = None,
 ) -> None:
     """Generate one video and print where it was written."""
     from model.presets import get_preset
-    from runtime.builders import load_pipeline_from, open_bank
+    from runtime.builders import check_placement_of, load_pipeline_from, open_bank
     from runtime.generation import (
         GenerationRequest,
         MemoryOptions,
@@ -164,14 +196,16 @@ def generate(
     with user_errors():
         settings = _settings(
             preset=preset, wan_path=wan_path, dit_mem_path=dit_mem_path, device=device,
-            bank_dir=bank,
+            bank_dir=bank, offload=offload, offload_group_blocks=offload_group_blocks,
+            quantize=quantize,
         )  # fmt: skip
+        check_placement_of(settings)
         chosen = get_preset(settings.preset)
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_frames=frames, steps=steps, guidance_scale=guidance_scale, seed=seed,
             memory_guidance=memory_guidance, profile=profile, memory=MemoryOptions(k=retrieve),
-            cache=_cache_spec(cache, cache_threshold),
+            cache=_cache_spec(cache, cache_threshold, cache_interval),
         )  # fmt: skip
         with contextlib.ExitStack() as resources:
             opened: MemoryBank | None = None
@@ -219,6 +253,10 @@ def batch(
     profile: ProfileOption = None,
     cache: CacheOption = None,
     cache_threshold: CacheThresholdOption = None,
+    cache_interval: CacheIntervalOption = None,
+    offload: OffloadOption = None,
+    offload_group_blocks: GroupBlocksOption = None,
+    quantize: QuantizeOption = None,
     device: DeviceOption = None,
     server: Annotated[
         str | None,
@@ -247,14 +285,24 @@ def batch(
         options = BatchOptions(
             retrieve=retrieve, negative_prompt=negative_prompt, num_frames=frames,
             height=height, width=width, steps=steps, guidance_scale=guidance_scale,
-            profile=profile, cache=_cache_spec(cache, cache_threshold),
+            profile=profile, cache=_cache_spec(cache, cache_threshold, cache_interval),
         )  # fmt: skip
         if server is None:
             from runtime.batch_runner import run_batch
+            from runtime.builders import check_placement_of
 
-            settings = _settings(preset=preset, device=device, bank_dir=bank)
+            settings = _settings(
+                preset=preset, device=device, bank_dir=bank, offload=offload,
+                offload_group_blocks=offload_group_blocks, quantize=quantize,
+            )  # fmt: skip
+            check_placement_of(settings)
             summary = run_batch(settings, planned, out, options)
         else:
+            if offload or offload_group_blocks or quantize:
+                raise ValueError(
+                    "--offload and --quantize choose how this machine keeps its model; with "
+                    "--server the service's workers keep theirs (DITMEM_OFFLOAD, DITMEM_QUANTIZE)"
+                )
             summary = _batch_on_server(server, api_key, in_flight, preset, bank, device,
                                        planned, out, options)  # fmt: skip
     rate = (
@@ -487,6 +535,10 @@ def serve(
 
     with user_errors():
         settings = _settings(host=host, port=port, preset=preset, bank_dir=bank)
+        if not settings.redis_url:  # the embedded worker loads the model in this process
+            from runtime.builders import check_placement_of
+
+            check_placement_of(settings)
     mode = "celery workers" if settings.redis_url else "embedded worker (no DITMEM_REDIS_URL)"
     typer.echo(f"ditmem API on http://{settings.host}:{settings.port} ({mode})", err=True)
     serve_api(settings)
@@ -507,6 +559,9 @@ def worker(
         settings = _settings(preset=preset, bank_dir=bank)
         if not settings.redis_url:
             raise ValueError("a worker needs DITMEM_REDIS_URL (the API runs jobs itself without)")
+        from runtime.builders import check_placement_of
+
+        check_placement_of(settings)  # before the model loads: a clear error, not a crash
     run_worker(settings, queues)
 
 
@@ -674,6 +729,7 @@ def toy_eval(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
     cache: CacheOption = None,
     cache_threshold: CacheThresholdOption = None,
+    cache_interval: CacheIntervalOption = None,
 ) -> None:
     """Motion and colour accuracy without memory, with right- and with wrong-motion memory."""
     from ditmem.toy import ToyEvalConfig, run_toy_eval
@@ -682,7 +738,7 @@ def toy_eval(
 
     with user_errors():
         choices = {} if memory_guidance is None else {"memory_guidance": memory_guidance}
-        spec = _cache_spec(cache, cache_threshold)
+        spec = _cache_spec(cache, cache_threshold, cache_interval)
         if spec is not None:
             choices["cache"] = spec
         config = ToyEvalConfig(samples=samples, k=k, seed=seed, **choices)

@@ -39,6 +39,20 @@ def check_torch(settings: Settings) -> list[Check]:
     return checks
 
 
+def check_placement(settings: Settings) -> Check:
+    from model.errors import ModelError
+    from model.loading import resolve_device
+    from model.placement import check_placement as placement_problem
+
+    placement = settings.placement
+    device = resolve_device(settings.device)
+    try:
+        placement_problem(placement, device)
+    except ModelError as error:
+        return Check("offload/quantize", False, str(error))
+    return Check("offload/quantize", True, f"{placement.label} on {device}")
+
+
 def check_faiss() -> Check:
     import faiss
 
@@ -166,6 +180,7 @@ def run_checks(settings: Settings) -> list[Check]:
         *check_environment(),
         Check("packages", True, versions),
         *check_torch(settings),
+        check_placement(settings),
         check_faiss(),
         *check_weights(settings),
         check_redis(settings),

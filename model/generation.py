@@ -88,6 +88,13 @@ class GenerationParams(BaseModel):
             default_steps, default_guidance = preset.steps, preset.guidance_scale
             default_negative = preset.negative_prompt
             default_memory_guidance = preset.memory_guidance
+        cache = (cache or CacheSpec()).resolved()
+        if profile == "reference" and cache.active:
+            raise InvalidRequest(
+                "the reference profile samples exactly as the reference does; a step cache "
+                "would skip part of that computation (use the default profile)",
+                field="cache",
+            )
         params = cls(
             prompt=prompt.strip(),
             negative_prompt=default_negative if negative_prompt is None else negative_prompt,
@@ -102,7 +109,7 @@ class GenerationParams(BaseModel):
                 default_memory_guidance if memory_guidance is None else bool(memory_guidance)
             ),
             profile=profile,
-            cache=(cache or CacheSpec()).resolved(),
+            cache=cache,
         )
         preset.check(
             height=params.height,

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from model.encoder import MemoryEncoder
 from model.errors import CheckpointError, WeightsNotFound
+from model.placement import Placement, check_placement, place_pipeline
 from model.presets import Preset, get_preset
 
 logger = logging.getLogger(__name__)
@@ -294,7 +295,7 @@ def load_pipeline(
     wan_path: str | Path | None = None,
     dit_mem_path: str | Path | None = None,
     device: str = "auto",
-    cpu_offload: bool = False,
+    placement: Placement | None = None,
     vae_tiling: bool = True,
     seed: int = 0,
 ):
@@ -308,10 +309,14 @@ def load_pipeline(
     must be given). ``dit_mem_path`` (the DiT-Mem checkpoint, or an encoder trained on the
     folder's transformer) replaces the folder's memory encoder and is required when the folder
     has none, as Wan2.1 folders do. On a GPU the preset picks each component's dtype (real: DiT
-    and text encoder in bf16, VAE in float32); on the CPU everything is float32.
+    and text encoder in bf16, VAE in float32); on the CPU everything is float32. ``placement``
+    says how the weights are offloaded and quantised (``model.placement``); it is checked
+    before any weight is read, so an impossible choice fails at once.
     """
     preset = get_preset(preset_name)
     target = resolve_device(device)
+    placement = placement or Placement()
+    check_placement(placement, target)
     if preset.seeded_components is not None:
         pipe = _seeded_pipeline(preset, seed, dit_mem_path)
     else:
@@ -325,8 +330,5 @@ def load_pipeline(
         pipe = _pretrained_pipeline(preset, Path(folder), dit_mem_path, target)
     if vae_tiling:
         pipe.vae.enable_tiling()
-    if cpu_offload and target.type == "cuda":
-        pipe.enable_model_cpu_offload(device=target)
-    else:
-        pipe.to(target)
+    place_pipeline(pipe, placement, target)
     return pipe

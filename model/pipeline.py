@@ -19,7 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers import SchedulerMixin
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
-from model.caching import CacheSpec, step_cache
+from model.caching import CacheSpec, MagRatioRecorder, step_cache
 from model.encoder import MemoryEncoder
 from model.errors import GenerationCancelled, InvalidRequest
 from model.injection import MemoryInjector, transformer_width
@@ -77,6 +77,8 @@ class MemoryWanPipeline(WanPipeline):
         self.memory_injector = MemoryInjector(transformer)
         # Set for the duration of a reference-profile call (see ``prepare_latents``).
         self._noise_dtype: torch.dtype | None = None
+        # MagCache's per-step ratios, measured once per run shape (see ``mag_ratios``).
+        self._mag_ratios: dict[tuple[object, ...], list[float]] = {}
 
     # -- memory ---------------------------------------------------------------------------------
 
@@ -159,12 +161,18 @@ class MemoryWanPipeline(WanPipeline):
             on_latents: Called as ``on_latents(step, latents)`` after every ``latents_every``-th
                 step (before ``on_progress``) with the latents being denoised (live previews).
             cache: A step cache for this call only (``model.caching``); its state never
-                outlives the call, cancelled or not.
+                outlives the call, cancelled or not. Not with the ``reference`` profile, whose
+                point is to compute exactly what the reference computes.
         """
         if prompt is not None and any(not p.strip() for p in _as_list(prompt)):
             raise InvalidRequest("prompt must not be empty")
         if profile not in PROFILES:
             raise InvalidRequest(f"unknown profile {profile!r}; choose one of {PROFILES}")
+        if profile == "reference" and cache is not None and cache.active:
+            raise InvalidRequest(
+                "the reference profile samples exactly as the reference does; a step cache "
+                "would skip part of that computation", field="cache",
+            )  # fmt: skip
         if should_cancel is not None and should_cancel():
             raise GenerationCancelled("cancelled before the first step")
         memory_tokens = self.encode_memory(memory)
@@ -188,16 +196,48 @@ class MemoryWanPipeline(WanPipeline):
             # drop the rounding warning that this request triggers on purpose.
             kwargs["num_frames"] = kwargs.get("num_frames", 81) - 1
             quiet = _without_frame_rounding_warning()
+        mag_ratios = None
+        if cache is not None and cache.kind == "mag":
+            calibrating = (
+                _without_frame_rounding_warning()
+                if self.vae_scale_factor_temporal == 1
+                else contextlib.nullcontext()
+            )
+            with calibrating:
+                mag_ratios = self.mag_ratios(total, kwargs)
         injected = self.memory_injector.use(memory_tokens, conditional_only=memory_guidance)
         reference = profile == "reference"
         sampling = self._reference_sampling() if reference else contextlib.nullcontext()
-        with injected, quiet, sampling, step_cache(self.transformer, cache):
+        cached = step_cache(self.transformer, cache, steps=total, mag_ratios=mag_ratios)
+        with injected, quiet, sampling, cached:
             return super().__call__(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
                 callback_on_step_end=on_step_end,
                 **kwargs,
             )
+
+    def mag_ratios(self, steps: int, shape: dict[str, Any]) -> list[float]:
+        """MagCache's per-step residual magnitude ratios for ``steps`` steps at the size in
+        ``shape`` (height, width, num_frames), measured on first use with one run of a fixed
+        prompt, seed and no memory or guidance, so they are the same whoever asks first."""
+        names = ("height", "width", "num_frames")
+        geometry = {name: shape[name] for name in names if name in shape}
+        key = (steps, *sorted(geometry.items()))
+        if key not in self._mag_ratios:
+            recorder = MagRatioRecorder()
+            with recorder.recording(self.transformer):
+                super().__call__(
+                    prompt="a calibration scene",
+                    num_inference_steps=steps,
+                    guidance_scale=1.0,
+                    generator=torch.Generator("cpu").manual_seed(0),
+                    output_type="latent",
+                    max_sequence_length=shape.get("max_sequence_length", 512),
+                    **geometry,
+                )
+            self._mag_ratios[key] = recorder.ratios
+        return self._mag_ratios[key]
 
     def prepare_latents(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """diffusers' initial latents; under the reference profile rounded to the DiT's dtype.

@@ -3,3 +3,5 @@ metrics, dispatch, the builders of long-lived objects and the one generation pat
 
 Imports ``model`` and ``memory_bank``; never ``service``, ``worker`` or ``ditmem``.
 """
+
+import model  # noqa: F401  (first: it quiets known import-time warnings of its libraries)

@@ -18,6 +18,15 @@ from model.presets import get_preset
 from runtime.settings import Settings
 
 
+def check_placement_of(settings: Settings) -> None:
+    """Raise ``UnsupportedPlacement`` when the offload and quantisation settings cannot run on
+    the configured device (before anything loads)."""
+    from model.loading import resolve_device
+    from model.placement import check_placement
+
+    check_placement(settings.placement, resolve_device(settings.device))
+
+
 def load_pipeline_from(settings: Settings) -> MemoryWanPipeline:
     from model.loading import load_pipeline
 
@@ -26,7 +35,7 @@ def load_pipeline_from(settings: Settings) -> MemoryWanPipeline:
         wan_path=settings.wan_path,
         dit_mem_path=settings.dit_mem_path,
         device=settings.device,
-        cpu_offload=settings.cpu_offload,
+        placement=settings.placement,
         vae_tiling=settings.vae_tiling,
         seed=settings.seed,
     )

@@ -78,8 +78,9 @@ class GenerationRequest(BaseModel):
     memory: MemoryOptions = Field(default_factory=MemoryOptions)
     cache: CacheSpec | None = Field(
         None,
-        description="a step cache: {kind: none | first-block, threshold} (skips transformer "
-        "work on steps that change little; threshold 0 never skips)",
+        description="a step cache: {kind: none | first-block | mag | taylorseer, threshold "
+        "(first-block, mag; 0 never skips) or interval (taylorseer; 1 never skips)}: skips "
+        "transformer work on steps that change little; not with the reference profile",
     )
     preview_every: int | None = Field(
         None,

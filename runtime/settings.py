@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from memory_bank.errors import BankCorrupt
 from memory_bank.manifest import database_url
 from memory_bank.storage import parse_storage_url
+from model.placement import Placement
 from runtime.keys import ApiKey
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,22 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     wan_path: Path | None = Field(None, description="local Wan2.1-T2V-1.3B-Diffusers folder")
     dit_mem_path: Path | None = Field(None, description="local DiT-Mem-1.3B.safetensors")
-    cpu_offload: bool = Field(False, description="offload idle components to CPU between stages")
+    offload: Literal["none", "model", "group"] = Field(
+        "none",
+        description="keep idle weights off the GPU: 'model' (one component at a time), 'group' "
+        "(offload_group_blocks transformer blocks at a time); on a CPU they wait in files",
+    )
+    offload_group_blocks: int = Field(1, ge=1, le=64, description="group offload: group size")
+    offload_streams: bool = Field(
+        False, description="group offload on CUDA: prefetch the next group on a side stream"
+    )
+    offload_dir: Path | None = Field(
+        None, description="CPU offload: folder for the weights' files (default: the temp dir)"
+    )
+    quantize: Literal["none", "int8", "fp8"] = Field(
+        "none", description="weights of the transformer blocks' linear layers (torchao)"
+    )
+    cpu_offload: bool = Field(False, description="deprecated: DITMEM_OFFLOAD=model")
     vae_tiling: bool = Field(True, description="tiled VAE decode (bounds decode memory)")
     seed: int = Field(0, description="seed of the tiny preset's random weights")
     output_dir: Path = Path("outputs")
@@ -189,6 +205,18 @@ class Settings(BaseSettings):
                 shown = repeated if what == "name" else [f"{v[:8]}..." for v in repeated]
                 raise ValueError(f"DITMEM_API_KEYS: two keys share the {what} {', '.join(shown)}")
         return keys
+
+    @property
+    def placement(self) -> Placement:
+        """Offload and quantisation of the worker's pipeline (``model.placement``)."""
+        offload = "model" if self.cpu_offload and self.offload == "none" else self.offload
+        return Placement(
+            offload=offload,
+            group_blocks=self.offload_group_blocks,
+            streams=self.offload_streams,
+            offload_dir=self.offload_dir,
+            quantize=self.quantize,
+        )
 
     @model_validator(mode="after")
     def _real_preset_needs_weights(self) -> Settings:

@@ -27,7 +27,8 @@ def readyz(state: StateDep) -> Response:
         workers = state.workers_ready() if job_store else 0
     except Exception:  # the job store went away between the two questions
         job_store, workers = False, 0
-    checks = {"mode": state.mode, "preset": state.settings.preset, "job_store": job_store,
+    checks = {"mode": state.mode, "preset": state.settings.preset,
+              "placement": state.settings.placement.label, "job_store": job_store,
               "workers": workers, "bank_clips": state.bank.index_size}  # fmt: skip
     failing = [name for name, ok in (("job_store", job_store), ("workers", workers > 0)) if not ok]
     body = Health(status="unavailable" if failing else "ok", checks=checks, failing=failing)

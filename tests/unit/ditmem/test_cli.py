@@ -85,6 +85,11 @@ def test_generate_with_memory_clips_changes_the_video(runner: CliRunner, tmp_pat
         (["--prompt", "x", "--width", "70"], "width=70 must be a multiple of 16"),
         (["--prompt", "x", "--preset", "nope"], "preset"),
         (["--prompt", "x", "--preset", "wan2.1-t2v-1.3b"], "DITMEM_WAN_PATH"),
+        (["--prompt", "x", "--quantize", "fp8"], "fp8 weights need a CUDA GPU"),
+        (["--prompt", "x", "--offload", "group", "--quantize", "int8"], "not both"),
+        (["--prompt", "x", "--offload", "disk"], "offload"),
+        (["--prompt", "x", "--cache", "taylorseer", "--cache-threshold", "0.1"], "no threshold"),
+        (["--prompt", "x", "--cache", "mag", "--profile", "reference"], "reference profile"),
     ],
 )
 def test_bad_input_is_a_one_line_error(runner: CliRunner, tmp_path: Path, args, message):
@@ -95,6 +100,18 @@ def test_bad_input_is_a_one_line_error(runner: CliRunner, tmp_path: Path, args, 
     assert message in result.output
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_generate_with_a_cache_on_an_offloaded_model(runner: CliRunner, tmp_path: Path):
+    out = tmp_path / "offloaded.mp4"
+    args = ["generate", "--prompt", "a red ball", "--out", str(out), "--offload", "group",
+            "--cache", "taylorseer", "--cache-interval", "2"]  # fmt: skip
+    result = runner.invoke(app, args, env={"DITMEM_OFFLOAD_DIR": str(tmp_path / "weights")})
+    assert result.exit_code == 0, result.output
+    assert read_video(out).shape == (9, 64, 64, 3)
+    cache = json.loads(out.with_suffix(".json").read_text())["params"]["cache"]
+    assert cache == {"kind": "taylorseer", "threshold": None, "interval": 2}
+    assert list((tmp_path / "weights").rglob("*.safetensors"))  # the weights waited in files
 
 
 def test_memory_that_is_not_a_video_is_rejected(runner: CliRunner, tmp_path: Path):

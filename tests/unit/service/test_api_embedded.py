@@ -132,10 +132,18 @@ def test_a_step_cache_is_a_parameter_of_the_job(client):
     body = {"prompt": "a red ball", "memory": {"k": 0}, "cache": {"kind": "first-block"}}
     job = wait(client, client.post("/generate", json=body).json()["id"])
     assert job["status"] == "succeeded", job
-    assert job["params"]["cache"] == {"kind": "first-block", "threshold": 0.05}
+    assert job["params"]["cache"] == {"kind": "first-block", "threshold": 0.05, "interval": None}
+    for cache, resolved in (
+        ({"kind": "mag", "threshold": 0.2}, {"kind": "mag", "threshold": 0.2, "interval": None}),
+        ({"kind": "taylorseer"}, {"kind": "taylorseer", "threshold": None, "interval": 2}),
+    ):
+        body = {"prompt": "a red ball", "memory": {"k": 0}, "cache": cache}
+        job = wait(client, client.post("/generate", json=body).json()["id"])
+        assert job["status"] == "succeeded", job
+        assert job["params"]["cache"] == resolved
     plain = wait(client, client.post("/generate", json={"prompt": "x", "memory": {"k": 0}})
                  .json()["id"])  # fmt: skip
-    assert plain["params"]["cache"] == {"kind": "none", "threshold": None}
+    assert plain["params"]["cache"] == {"kind": "none", "threshold": None, "interval": None}
 
 
 def test_pinned_clips_are_used_instead_of_retrieval(client, clip_id):
@@ -207,7 +215,9 @@ def test_jobs_are_listed_newest_first(client):
         ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
         ({"prompt": "x", "memory_guidance": "maybe"}, "memory_guidance"),
         ({"prompt": "x", "profile": "fast"}, "profile"),
-        ({"prompt": "x", "cache": {"kind": "mag"}}, "cache"),
+        ({"prompt": "x", "cache": {"kind": "tea"}}, "cache"),
+        ({"prompt": "x", "cache": {"kind": "taylorseer", "threshold": 0.1}}, "cache"),
+        ({"prompt": "x", "profile": "reference", "cache": {"kind": "mag"}}, "cache"),
         ({"prompt": "x", "cache": {"kind": "first-block", "threshold": 2}}, "cache"),
         ({"prompt": "x", "memory": {"k": 17}}, "memory.k"),
         ({"prompt": "x", "memory": {"min_score": 2}}, "memory.min_score"),
@@ -286,6 +296,7 @@ def test_health_readiness_and_metrics(client, clip_id):
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"]["mode"] == "embedded"
+    assert ready.json()["checks"]["placement"] == "none"  # no offload, no quantisation
     metrics = client.get("/metrics").text
     assert "ditmem_job_duration_seconds_count" in metrics
     count = next(

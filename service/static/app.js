@@ -141,6 +141,8 @@ function generateRequest() {
   if (memoryGuidance) request.memory_guidance = memoryGuidance === "true";
   const profile = $("gen-profile").value;
   if (profile) request.profile = profile;
+  const cache = $("gen-cache").value;
+  if (cache) request.cache = { kind: cache };  // the kind's default threshold or interval
   if ($("gen-live-preview").checked) request.preview_every = 1;
   const memory = {};
   const k = readNumber($("gen-k"));
@@ -154,7 +156,7 @@ function generateRequest() {
 const FIELD_INPUTS = { prompt: "gen-prompt", negative_prompt: "gen-negative", num_frames: "gen-frames",
   width: "gen-width", height: "gen-height", steps: "gen-steps", guidance_scale: "gen-guidance",
   seed: "gen-seed", memory_guidance: "gen-memory-guidance", "memory.k": "gen-k",
-  "memory.clip_ids": "gen-pins", profile: "gen-profile", preview_every: "gen-live-preview" };
+  "memory.clip_ids": "gen-pins", profile: "gen-profile", cache: "gen-cache", preview_every: "gen-live-preview" };
 
 function markInvalid(details) {
   for (const id of Object.values(FIELD_INPUTS)) $(id).removeAttribute("aria-invalid");

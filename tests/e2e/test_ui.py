@@ -150,6 +150,7 @@ def test_ui_end_to_end(page: Page, root: Path, base_url: str) -> None:
 
     # Submit: the job shows up in Jobs with a moving progress bar, then a playable video.
     page.get_by_label("Memory guidance").select_option("true")
+    page.get_by_label("Step cache").select_option("taylorseer")
     requests: list[str] = []  # every GET of the page from here on: no polling while streaming
     page.on("request", lambda r: requests.append(r.url) if r.method == "GET" else None)
     with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/generate")) as sent:
@@ -157,6 +158,7 @@ def test_ui_end_to_end(page: Page, root: Path, base_url: str) -> None:
     body = sent.value.post_data_json
     assert body["memory_guidance"] is True and body["memory"] == {"k": 5}, body
     assert body["preview_every"] == 1  # live previews are on by default
+    assert body["cache"] == {"kind": "taylorseer"}, body
     expect(page.locator("#view-jobs")).to_be_visible()
     job = page.locator("#jobs-list li.job[data-status]").filter(has_text=PROMPT).first
     expect(job).to_be_visible()
@@ -188,6 +190,7 @@ def test_ui_end_to_end(page: Page, root: Path, base_url: str) -> None:
     # A slow job, canceled from the UI. Another slow job ahead of it keeps it waiting long enough
     # for the click, however fast this machine is.
     fill_generate(page, "a slow green ball", **SLOW)
+    page.get_by_label("Step cache").select_option("")  # slow jobs stay slow: no step skipped
     page.get_by_role("button", name="Generate", exact=True).last.click()
     fill_generate(page, "a slow blue ball", **SLOW)
     page.get_by_role("button", name="Generate", exact=True).last.click()

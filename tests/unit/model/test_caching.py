@@ -79,17 +79,18 @@ def test_mag_ratios_are_measured_once_per_shape_without_any_request_s_memory(pip
     assert fresh.mag_ratios(STEPS, shape) == ratios
 
 
-def test_no_cached_state_outlives_a_call_even_a_cancelled_one(pipe, clip_tokens):
-    first, _ = run(pipe, clip_tokens, SKIPPING)
+@pytest.mark.parametrize("cache", ALWAYS_SKIPPING, ids=lambda spec: spec.kind)
+def test_no_cached_state_outlives_a_call_even_a_cancelled_one(pipe, clip_tokens, cache):
+    first, _ = run(pipe, clip_tokens, cache)
 
     def cancel_after_two(step: int, total: int) -> None:
         if step == 2:
             raise GenerationCancelled("stop")
 
     with pytest.raises(GenerationCancelled):
-        run(pipe, None, SKIPPING, seed=9, on_progress=cancel_after_two)
+        run(pipe, None, cache, seed=9, on_progress=cancel_after_two)
     assert not pipe.transformer.is_cache_enabled
-    again, _ = run(pipe, clip_tokens, SKIPPING)
+    again, _ = run(pipe, clip_tokens, cache)
     assert torch.equal(first, again)  # nothing of the cancelled request's residuals was used
 
 

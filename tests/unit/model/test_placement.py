@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.caching import CacheSpec, counting_passes
 from model.pipeline import MemoryWanPipeline
 from model.placement import Placement, UnsupportedPlacement, check_placement, place_pipeline
 from model.presets import TINY
@@ -25,9 +26,9 @@ def placed(placement: Placement) -> MemoryWanPipeline:
     return pipe
 
 
-def run(pipe: MemoryWanPipeline, memory=None) -> torch.Tensor:
+def run(pipe: MemoryWanPipeline, memory=None, cache=None) -> torch.Tensor:
     return pipe(
-        "a red ball falls", "blurry", memory=memory, num_inference_steps=STEPS,
+        "a red ball falls", "blurry", memory=memory, cache=cache, num_inference_steps=STEPS,
         guidance_scale=5.0, num_frames=FRAMES, height=SIZE, width=SIZE,
         max_sequence_length=TINY.max_sequence_length, generator=torch.Generator().manual_seed(0),
         output_type="np",
@@ -78,6 +79,22 @@ def test_int8_weights_project_the_memory_tokens_and_keep_its_effect(clip_tokens,
     without = torch.as_tensor(run(pipe))
     assert 0 < (with_memory - reference[0]).abs().max() < 0.05  # int8 rounding, small
     assert (with_memory - without).abs().max() > 1e-3  # and the memory still steers it
+
+
+@pytest.mark.parametrize(
+    "placement", [Placement(offload="group"), Placement(quantize="int8")],
+    ids=lambda placement: placement.label,
+)  # fmt: skip
+def test_a_step_cache_on_a_placed_model_skips_and_keeps_the_memory(placement, clip_tokens,
+                                                                    tmp_path):  # fmt: skip
+    pipe = placed(placement.model_copy(update={"offload_dir": tmp_path}))
+    cache = CacheSpec(kind="taylorseer", interval=3)
+    with counting_passes(pipe.transformer) as counter:
+        with_memory = torch.as_tensor(run(pipe, clip_tokens, cache=cache))
+    assert counter.passes < 2 * STEPS, counter.passes
+    without = torch.as_tensor(run(pipe, None, cache=cache))
+    assert (with_memory - without).abs().max() > 1e-3
+    assert not pipe.transformer.is_cache_enabled
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,6 @@ unplaced one. Targets:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import subprocess
 import sys
@@ -76,7 +75,7 @@ def measure(target: str, label: str, offload_dir: Path) -> dict:
     """One configuration, in this process (run it in a fresh one)."""
     import torch
 
-    from model.placement import Placement
+    from model.placement import Placement, return_freed_memory
     from model.presets import get_preset
 
     placement = Placement(**PLACEMENTS[label], offload_dir=offload_dir)
@@ -88,9 +87,8 @@ def measure(target: str, label: str, offload_dir: Path) -> dict:
         generator=torch.Generator().manual_seed(7),
     )  # fmt: skip
     memory = pipe.resample_clips(clips * 2 - 1)
-    # Hand memory freed while placing (the float weights quantisation replaced, say) back to
-    # the OS, so the resident set counts what is live rather than what the allocator kept.
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    # The resident set should count what is live, not what the allocator kept while placing.
+    return_freed_memory()
     placed_mb = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak from here on
     started = time.perf_counter()

@@ -42,15 +42,14 @@ def check_torch(settings: Settings) -> list[Check]:
 def check_placement(settings: Settings) -> Check:
     from model.errors import ModelError
     from model.loading import resolve_device
-    from model.placement import check_placement as placement_problem
+    from runtime.builders import check_placement_of
 
-    placement = settings.placement
-    device = resolve_device(settings.device)
     try:
-        placement_problem(placement, device)
+        check_placement_of(settings)
     except ModelError as error:
         return Check("offload/quantize", False, str(error))
-    return Check("offload/quantize", True, f"{placement.label} on {device}")
+    device = resolve_device(settings.device)
+    return Check("offload/quantize", True, f"{settings.placement.label} on {device}")
 
 
 def check_faiss() -> Check:

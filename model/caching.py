@@ -73,6 +73,16 @@ class CacheSpec(BaseModel):
     def active(self) -> bool:
         return self.kind != "none"
 
+    def check_profile(self, profile: str) -> None:
+        """Raise :class:`InvalidRequest` for a skipping cache under the ``reference`` profile,
+        whose point is to compute exactly what the reference computes."""
+        if profile == "reference" and self.active:
+            raise InvalidRequest(
+                "the reference profile samples exactly as the reference does; a step cache "
+                "would skip part of that computation (use the default profile)",
+                field="cache",
+            )
+
     def resolved(self) -> CacheSpec:
         """The kind's knob filled in with its default."""
         if self.kind == "none":

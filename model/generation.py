@@ -89,12 +89,7 @@ class GenerationParams(BaseModel):
             default_negative = preset.negative_prompt
             default_memory_guidance = preset.memory_guidance
         cache = (cache or CacheSpec()).resolved()
-        if profile == "reference" and cache.active:
-            raise InvalidRequest(
-                "the reference profile samples exactly as the reference does; a step cache "
-                "would skip part of that computation (use the default profile)",
-                field="cache",
-            )
+        cache.check_profile(profile)
         params = cls(
             prompt=prompt.strip(),
             negative_prompt=default_negative if negative_prompt is None else negative_prompt,

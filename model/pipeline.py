@@ -168,11 +168,8 @@ class MemoryWanPipeline(WanPipeline):
             raise InvalidRequest("prompt must not be empty")
         if profile not in PROFILES:
             raise InvalidRequest(f"unknown profile {profile!r}; choose one of {PROFILES}")
-        if profile == "reference" and cache is not None and cache.active:
-            raise InvalidRequest(
-                "the reference profile samples exactly as the reference does; a step cache "
-                "would skip part of that computation", field="cache",
-            )  # fmt: skip
+        if cache is not None:
+            cache.check_profile(profile)
         if should_cancel is not None and should_cancel():
             raise GenerationCancelled("cancelled before the first step")
         memory_tokens = self.encode_memory(memory)
@@ -196,26 +193,21 @@ class MemoryWanPipeline(WanPipeline):
             # drop the rounding warning that this request triggers on purpose.
             kwargs["num_frames"] = kwargs.get("num_frames", 81) - 1
             quiet = _without_frame_rounding_warning()
-        mag_ratios = None
-        if cache is not None and cache.kind == "mag":
-            calibrating = (
-                _without_frame_rounding_warning()
-                if self.vae_scale_factor_temporal == 1
-                else contextlib.nullcontext()
-            )
-            with calibrating:
+        with quiet:  # MagCache's measurement run asks for the same frame count
+            mag_ratios = None
+            if cache is not None and cache.kind == "mag":
                 mag_ratios = self.mag_ratios(total, kwargs)
-        injected = self.memory_injector.use(memory_tokens, conditional_only=memory_guidance)
-        reference = profile == "reference"
-        sampling = self._reference_sampling() if reference else contextlib.nullcontext()
-        cached = step_cache(self.transformer, cache, steps=total, mag_ratios=mag_ratios)
-        with injected, quiet, sampling, cached:
-            return super().__call__(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                callback_on_step_end=on_step_end,
-                **kwargs,
-            )
+            injected = self.memory_injector.use(memory_tokens, conditional_only=memory_guidance)
+            reference = profile == "reference"
+            sampling = self._reference_sampling() if reference else contextlib.nullcontext()
+            cached = step_cache(self.transformer, cache, steps=total, mag_ratios=mag_ratios)
+            with injected, sampling, cached:
+                return super().__call__(
+                    prompt=prompt,
+                    negative_prompt=negative_prompt,
+                    callback_on_step_end=on_step_end,
+                    **kwargs,
+                )
 
     def mag_ratios(self, steps: int, shape: dict[str, Any]) -> list[float]:
         """MagCache's per-step residual magnitude ratios for ``steps`` steps at the size in

@@ -41,8 +41,6 @@ if TYPE_CHECKING:
 
 OffloadMode = Literal["none", "model", "group"]
 QuantizeMode = Literal["none", "int8", "fp8"]
-OFFLOAD_MODES: tuple[OffloadMode, ...] = ("none", "model", "group")
-QUANTIZE_MODES: tuple[QuantizeMode, ...] = ("none", "int8", "fp8")
 FP8_MIN_CAPABILITY = (8, 9)  # fp8 matrix units: Ada Lovelace, Hopper and newer
 
 # One group holding every block: "the whole component at a time" in group-offload terms.
@@ -129,21 +127,22 @@ def quantize_transformer(transformer: torch.nn.Module, mode: QuantizeMode) -> No
         return isinstance(module, torch.nn.Linear) and name.startswith("blocks.")
 
     quantize_(transformer, config, filter_fn=in_a_block)
-    _return_freed_memory()
+    return_freed_memory()
 
 
-def _return_freed_memory() -> None:
-    """Give the heap that the replaced float weights occupied back to the OS (glibc keeps freed
-    blocks of this size for reuse, so without this a CPU worker's resident set would not shrink
-    with its weights)."""
+def return_freed_memory() -> None:
+    """Give freed heap (the float weights quantisation replaced, say) back to the OS: glibc
+    keeps freed blocks of this size for reuse, so without this a CPU worker's resident set would
+    not shrink with its weights."""
     import ctypes
     import ctypes.util
     import gc
 
     gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc is not None and hasattr(ctypes.CDLL(libc), "malloc_trim"):
-        ctypes.CDLL(libc).malloc_trim(0)
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name is not None else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _offload_folder(placement: Placement) -> Path:

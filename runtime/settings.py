@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from memory_bank.errors import BankCorrupt
 from memory_bank.manifest import database_url
 from memory_bank.storage import parse_storage_url
-from model.placement import Placement
+from model.placement import OffloadMode, Placement, QuantizeMode
 from runtime.keys import ApiKey
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     wan_path: Path | None = Field(None, description="local Wan2.1-T2V-1.3B-Diffusers folder")
     dit_mem_path: Path | None = Field(None, description="local DiT-Mem-1.3B.safetensors")
-    offload: Literal["none", "model", "group"] = Field(
+    offload: OffloadMode = Field(
         "none",
         description="keep idle weights off the GPU: 'model' (one component at a time), 'group' "
         "(offload_group_blocks transformer blocks at a time); on a CPU they wait in files",
@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     offload_dir: Path | None = Field(
         None, description="CPU offload: folder for the weights' files (default: the temp dir)"
     )
-    quantize: Literal["none", "int8", "fp8"] = Field(
+    quantize: QuantizeMode = Field(
         "none", description="weights of the transformer blocks' linear layers (torchao)"
     )
     cpu_offload: bool = Field(False, description="deprecated: DITMEM_OFFLOAD=model")
